@@ -1,0 +1,171 @@
+"""Importance-sampling diagnostics of a fitted guide: PSIS k-hat and log-evidence.
+
+With draws z_s ~ q and log weights ``log w_s = log p(x, z_s) - log q(z_s)`` (both in the
+constrained space the model is written in; a guide's change of variables enters log q):
+
+- the Pareto k-hat of the weights' right tail (Yao, Vehtari, Simpson & Gelman, 2018):
+  below 0.5 (or the sample-size-aware threshold ``min(1 - 1/log10(S), 0.7)`` of Vehtari
+  et al., 2024) the importance-corrected estimates are reliable; above 0.7 q misses mass
+  of the posterior.
+- the importance-weighted log-evidence ``log(mean_s w_s)`` (Burda et al., 2016), a
+  stochastic lower bound on log p(x) in expectation that tightens with S, beside the ELBO
+  ``mean_s log w_s``;
+- the importance-sampling effective sample size ``1 / sum_s wbar_s^2``.
+
+All of this needs the exact log q. Guides whose density is a surrogate (a family declaring
+``density`` other than ``"exact"``) are refused with an explanation.
+
+References
+----------
+Yao, Vehtari, Simpson & Gelman, "Yes, but did it work?: Evaluating variational inference",
+ICML 2018.
+Vehtari, Simpson, Gelman, Yao & Gabry, "Pareto smoothed importance sampling", JMLR 25, 2024.
+Burda, Grosse & Salakhutdinov, "Importance weighted autoencoders", ICLR 2016.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+from numpyro import handlers
+from numpyro.infer.util import log_density
+
+
+@dataclasses.dataclass(frozen=True)
+class Diagnosis:
+    """Importance-sampling report of a fitted guide (see module docstring)."""
+
+    khat: float
+    khat_threshold: float
+    log_evidence: float
+    elbo: float
+    ess: float
+    num_samples: int
+    log_weights: np.ndarray = dataclasses.field(repr=False)
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def reliable(self) -> bool:
+        return bool(np.isfinite(self.khat) and self.khat < self.khat_threshold)
+
+    def __str__(self):
+        lines = [
+            f"PSIS k-hat        {self.khat:.3f}  (threshold {self.khat_threshold:.2f}: "
+            f"{'ok' if self.reliable else 'UNRELIABLE'})",
+            f"log-evidence (IW) {self.log_evidence:.4f}  from {self.num_samples} draws",
+            f"ELBO              {self.elbo:.4f}",
+            f"IS ESS            {self.ess:.1f} ({100 * self.ess / self.num_samples:.1f}%)",
+        ]
+        lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+class SurrogateDensityError(ValueError):
+    """The guide's density is a surrogate, so importance weights from it are not honest."""
+
+
+def _check_exact(guide, params, args, kwargs, key):
+    tr = handlers.trace(handlers.seed(handlers.substitute(guide, data=params), key)).get_trace(
+        *args, **kwargs
+    )
+    for name, site in tr.items():
+        if site["type"] != "sample" or site.get("is_observed", False):
+            continue
+        kind = getattr(site["fn"], "density", "exact")
+        if kind != "exact":
+            raise SurrogateDensityError(
+                f"guide site {name!r} has a {kind!r} density ({type(site['fn']).__name__}): "
+                "its log_prob is a training surrogate, not log q, so PSIS weights and evidence "
+                "estimates from it would be wrong. Use a family with an exact density, or its "
+                "own diagnostic estimator where it provides one."
+            )
+
+
+def log_importance_weights(model, guide, params, args=(), kwargs=None, *, key, num_samples):
+    """``log p(x, z_s) - log q(z_s)`` for ``num_samples`` draws of the guide (numpy array)."""
+    kwargs = kwargs or {}
+
+    def one(k):
+        log_q, g_tr = log_density(handlers.seed(guide, k), args, kwargs, params)
+        latents = {
+            n: s["value"]
+            for n, s in g_tr.items()
+            if s["type"] == "sample" and not s["is_observed"]
+            and not s.get("infer", {}).get("is_auxiliary", False)
+        }
+        log_p, _ = log_density(handlers.seed(model, k), args, kwargs, {**params, **latents})
+        return log_p - log_q
+
+    keys = jr.split(key, num_samples)
+    chunk = min(500, num_samples)
+    out = []
+    fn = jax.jit(jax.vmap(one))
+    for start in range(0, num_samples, chunk):
+        ks = keys[start : start + chunk]
+        if ks.shape[0] < chunk:  # pad to keep one compiled shape
+            ks = jnp.concatenate([ks, keys[: chunk - ks.shape[0]]])
+            out.append(np.asarray(fn(ks))[: num_samples - start])
+        else:
+            out.append(np.asarray(fn(ks)))
+    return np.concatenate(out)
+
+
+def diagnose(result, *, num_samples: int = 4000, key=None) -> Diagnosis:
+    """PSIS k-hat, importance-weighted log-evidence, ELBO and IS ESS of a fitted guide.
+
+    Parameters
+    ----------
+    result : a :class:`bayesgen.fit.FitResult` (anything with ``model``, ``guide``,
+        ``params``, ``args`` and ``kwargs``).
+    num_samples : number of guide draws S.
+    key : PRNG key (default ``jax.random.key(0)``).
+
+    Raises
+    ------
+    SurrogateDensityError
+        when the guide's family declares a surrogate density (lower bound / unbiased
+        gradient): weights from it would not be importance weights.
+    """
+    from arviz_stats.base import array_stats
+
+    if not isinstance(num_samples, int) or num_samples < 100:
+        raise ValueError(f"num_samples must be an int >= 100, got {num_samples!r}")
+    key = jr.key(0) if key is None else key
+    model, guide, params = result.model, result.guide, result.params
+    args, kwargs = tuple(result.args), dict(result.kwargs or {})
+    k_check, k_draw = jr.split(key)
+    _check_exact(guide, params, args, kwargs, k_check)
+    log_w = log_importance_weights(
+        model, guide, params, args, kwargs, key=k_draw, num_samples=num_samples
+    )
+    warnings = []
+    finite = np.isfinite(log_w)
+    if not finite.all():
+        warnings.append(
+            f"{(~finite).sum()} of {num_samples} log weights are not finite (the guide puts "
+            "mass where the model's density is zero or undefined); they count as zero weight"
+        )
+        log_w = np.where(finite, log_w, -np.inf)
+    # arviz-stats' psislw expects log-likelihood-like input and negates it internally.
+    _, khat = array_stats.psislw(-np.where(finite, log_w, np.min(log_w[finite], initial=0.0) - 1e3))
+    khat = float(khat)
+    threshold = min(1.0 - 1.0 / math.log10(num_samples), 0.7)
+    lse = float(jax.nn.logsumexp(jnp.asarray(log_w)))
+    log_evidence = lse - math.log(num_samples)
+    wbar = np.exp(log_w - lse)
+    ess = float(1.0 / np.sum(wbar**2))
+    elbo = float(np.mean(log_w[finite])) if finite.any() else float("-inf")
+    if khat >= threshold:
+        warnings.append(
+            f"k-hat {khat:.2f} >= {threshold:.2f}: the guide misses posterior mass; "
+            "posterior summaries from it are unreliable"
+        )
+    return Diagnosis(
+        khat=khat, khat_threshold=threshold, log_evidence=log_evidence, elbo=elbo, ess=ess,
+        num_samples=num_samples, log_weights=log_w, warnings=tuple(warnings),
+    )

@@ -1,0 +1,208 @@
+"""Exceptions a user can act on, and the model checks that raise them.
+
+:func:`check_model` runs a numpyro model once (seeded, outside of any transformation) and
+refuses the structures that bayesgen's guides cannot fit: discrete latent sites, latent
+sites inside a subsampled plate, and models without any latent site. Each message names
+the offending site (and plate) and says what to change.
+
+:class:`NonFiniteLossError` is raised by :func:`bayesgen.fit` when the loss stops being
+finite; it carries the 1-based step and the sites and parameters found to be nonfinite.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from numpyro import handlers
+from numpyro.infer.initialization import init_to_sample
+
+__all__ = [
+    "ModelStructureError",
+    "NonFiniteLossError",
+    "check_model",
+    "latent_layout",
+    "trace_model",
+]
+
+
+class ModelStructureError(ValueError):
+    """A model (or a model/checkpoint pair) has a structure the guides cannot handle.
+
+    Raised before any fitting starts. The message names the site, and the plate where one
+    is involved, and says how to restructure the model.
+    """
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The variational loss became NaN or infinite during fitting.
+
+    Parameters
+    ----------
+    message : str
+        Human-readable description (includes the step and the nonfinite sites).
+    step : int
+        1-based global step whose loss was the first nonfinite one. The loss of step ``k``
+        is evaluated at the parameters reached after ``k - 1`` updates.
+    sites : list of str
+        Sample or deterministic sites of the model or guide whose value or log density
+        was nonfinite when the failing step was replayed.
+    params : list of str
+        Parameters (``numpyro.param`` sites) holding nonfinite entries at that step.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        step: int,
+        sites: Sequence[str] = (),
+        params: Sequence[str] = (),
+    ):
+        super().__init__(message)
+        self.step = int(step)
+        self.sites = list(sites)
+        self.params = list(params)
+
+
+def trace_model(model, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, seed=0):
+    """Run ``model`` once, seeded, and return its numpyro trace.
+
+    Latent sites are drawn with :func:`numpyro.infer.init_to_sample`, which also covers
+    ``ImproperUniform`` sites that have no sampler of their own. Sites hidden by
+    ``handlers.block`` inside the model do not appear, exactly as for the autoguides;
+    sites conditioned with ``handlers.condition`` appear as observed.
+
+    Parameters
+    ----------
+    model : callable
+        A numpyro model.
+    args, kwargs
+        Arguments of the model.
+    seed : int or jax.Array
+        Seed of the run.
+
+    Returns
+    -------
+    collections.OrderedDict
+        The trace: site name to site message.
+    """
+    kwargs = {} if kwargs is None else dict(kwargs)
+    seeded = handlers.substitute(handlers.seed(model, seed), substitute_fn=_draw_if_unset)
+    return handlers.trace(seeded).get_trace(*tuple(args), **kwargs)
+
+
+def _draw_if_unset(site):
+    # a value already set inside the model (its own substitute/condition) is kept as is
+    if site["value"] is not None:
+        return site["value"]
+    return init_to_sample(site)
+
+
+def _is_latent(site) -> bool:
+    return (
+        site["type"] == "sample"
+        and not site["is_observed"]
+        and not site.get("infer", {}).get("is_auxiliary", False)
+    )
+
+
+def latent_layout(trace) -> dict[str, tuple[int, ...]]:
+    """Return ``{site name: shape}`` of the latent (unobserved sample) sites of a trace."""
+    return {
+        name: tuple(int(d) for d in np.shape(site["value"]))
+        for name, site in trace.items()
+        if _is_latent(site)
+    }
+
+
+def check_model(model, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, trace=None):
+    """Check that a model can be fitted by bayesgen's guides; raise otherwise.
+
+    The guides are distributions over the flat vector of *global, continuous* latent
+    sites. The check runs the model once (see :func:`trace_model`) and raises
+    :class:`ModelStructureError` for
+
+    * a latent site with discrete support (including sites marked
+      ``infer={"enumerate": "parallel"}``),
+    * a latent site inside a plate with ``subsample_size`` smaller than its size (a local
+      latent of a minibatched plate),
+    * a model without any latent site.
+
+    Parameters
+    ----------
+    model : callable
+        A numpyro model.
+    args, kwargs
+        Arguments the model will be fitted with.
+    trace : dict, optional
+        A trace from :func:`trace_model`, to avoid running the model twice.
+
+    Returns
+    -------
+    collections.OrderedDict
+        The trace the check ran on.
+
+    Raises
+    ------
+    ModelStructureError
+        With a message naming the site (and plate) and the fix.
+    """
+    if trace is None:
+        trace = trace_model(model, args, kwargs)
+
+    subsampled = {}
+    for name, site in trace.items():
+        if site["type"] == "plate":
+            size, subsample_size = site["args"]
+            if subsample_size is not None and int(subsample_size) != int(size):
+                subsampled[name] = (int(size), int(subsample_size))
+
+    latents = [name for name, site in trace.items() if _is_latent(site)]
+
+    for name in latents:
+        site = trace[name]
+        fn = site["fn"]
+        enumerate_mode = site.get("infer", {}).get("enumerate")
+        if fn.support.is_discrete or enumerate_mode is not None:
+            how = (
+                f" It is marked infer={{'enumerate': {enumerate_mode!r}}}, but enumeration needs "
+                "TraceEnum_ELBO and a guide without this site; bayesgen.fit uses a continuous guide."
+                if enumerate_mode is not None
+                else ""
+            )
+            raise ModelStructureError(
+                f"Latent site '{name}' ({type(fn).__name__}) has discrete support; bayesgen's guides "
+                f"are distributions over continuous latents only.{how} Marginalise '{name}' out of "
+                "the model by hand (sum over its values in the likelihood, e.g. with "
+                "MixtureSameFamily or a logsumexp in numpyro.factor), or fit it in a plain "
+                "numpyro SVI loop with numpyro.contrib.funsor enumeration: mark it "
+                "infer={'enumerate': 'parallel'}, build the guide on "
+                f"numpyro.handlers.block(model, hide=['{name}']) and use TraceEnum_ELBO."
+            )
+
+    for name in latents:
+        site = trace[name]
+        for frame in site["cond_indep_stack"]:
+            if frame.name in subsampled:
+                size, subsample_size = subsampled[frame.name]
+                raise ModelStructureError(
+                    f"Latent site '{name}' sits in plate '{frame.name}', which is subsampled "
+                    f"(size={size}, subsample_size={subsample_size}). It is a local latent of a "
+                    "minibatched plate, and bayesgen's guides cover global latents only. Either "
+                    f"drop subsample_size from plate '{frame.name}' (fit the full data), or make "
+                    f"'{name}' global (move it outside the plate), or marginalise it out."
+                )
+
+    if not latents:
+        observed = [n for n, s in trace.items() if s["type"] == "sample"]
+        detail = (
+            f" (all of its sample sites are observed: {', '.join(observed)})" if observed else ""
+        )
+        raise ModelStructureError(
+            "The model has no latent sample site" + detail + ", so there is no posterior to "
+            "approximate. Add an unobserved numpyro.sample site, or check that the model is not "
+            "wrapped in handlers.block/condition/substitute that hides or fixes every latent."
+        )
+    return trace

@@ -1,0 +1,100 @@
+"""The family contract: a variational family is a numpyro distribution over the flat latent.
+
+Every family in bayesgen is a :class:`numpyro.distributions.Distribution` whose event is the
+flat, unconstrained latent vector ``z`` of a model (shape ``(latent_dim,)``, support the real
+vectors). It implements two methods:
+
+``sample_with_intermediates(key, sample_shape=()) -> (z, intermediates)``
+    A reparameterised draw ``z`` and whatever the density needs that the draw already
+    computed (the flow's log-density, the SIVI mixing draws, a diffusion path ...).
+    ``intermediates`` is a list (numpyro's convention); it may be empty.
+
+``log_prob(value, intermediates=None)``
+    The family's score of ``value``. numpyro's ``log_density`` hands the guide site's
+    intermediates back to ``log_prob``, so stock ``Trace_ELBO``, ``SVI`` and ``Predictive``
+    work unchanged. What the score *is* is declared by the class attribute ``density``:
+
+    ``"exact"``
+        ``log_prob`` is log q(z). With intermediates it returns the log-density computed
+        along the draw (same value and same pathwise gradient as evaluating log q at
+        ``z(eps, phi)``); without intermediates it evaluates log q(value) directly, through
+        an inverse where the family has one.
+    ``"lower_bound"``
+        ``E[log p - log_prob]`` is a lower bound on the ELBO and hence on log p(x)
+        (SIVI's K-draw surrogate, diffusion path terms). ``log_prob`` needs the
+        intermediates of the draw.
+    ``"unbiased_gradient"``
+        ``log_prob`` is a surrogate whose pathwise gradient is an unbiased estimate of the
+        gradient of E[log q] (UIVI, LIVI's linearised entropy); its value is not log q.
+
+Anything that needs log q itself (PSIS k-hat, importance-weighted evidence) must check
+``density == "exact"`` or use a family-provided estimator; see
+:mod:`bayesgen.diagnostics`.
+
+Families carry their parameters as ordinary jax arrays/pytrees; the guides in
+:mod:`bayesgen.guides` register those with ``numpyro.param``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import jax.numpy as jnp
+from numpyro.distributions import Distribution, constraints
+
+DENSITY_KINDS = ("exact", "lower_bound", "unbiased_gradient")
+
+
+class Family(Distribution):
+    """Base class of variational families over the flat unconstrained latent.
+
+    Subclasses set ``density`` and implement :meth:`sample_with_intermediates` and
+    :meth:`log_prob`. ``sample`` is derived from ``sample_with_intermediates``.
+    """
+
+    support = constraints.real_vector
+    arg_constraints: ClassVar[dict] = {}
+    reparametrized_params: ClassVar[list] = []
+    has_rsample = True
+    density: ClassVar[str] = "exact"
+
+    def __init__(self, latent_dim: int, *, batch_shape=(), validate_args=None):
+        self.latent_dim = int(latent_dim)
+        super().__init__(
+            batch_shape=batch_shape,
+            event_shape=(self.latent_dim,),
+            validate_args=validate_args,
+        )
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.density not in DENSITY_KINDS:
+            raise TypeError(
+                f"{cls.__name__}.density must be one of {DENSITY_KINDS}, got {cls.density!r}"
+            )
+
+    def sample_with_intermediates(self, key, sample_shape=()):
+        raise NotImplementedError
+
+    def sample(self, key, sample_shape=()):
+        return self.sample_with_intermediates(key, sample_shape)[0]
+
+    def rsample(self, key, sample_shape=()):
+        return self.sample(key, sample_shape)
+
+    def log_prob(self, value, intermediates=None):
+        raise NotImplementedError
+
+    def tree_flatten(self):  # families are rebuilt inside the guide, never vmapped over
+        raise NotImplementedError(
+            f"{type(self).__name__} is not a pytree; build it inside the guide instead"
+        )
+
+
+def check_latent(value, latent_dim: int, name: str = "value"):
+    """Raise a clear error when ``value`` is not a (batch of) flat latent vector(s)."""
+    shape = jnp.shape(value)
+    if len(shape) == 0 or shape[-1] != latent_dim:
+        raise ValueError(
+            f"{name} must have trailing dimension {latent_dim} (the flat latent), got shape {shape}"
+        )
