@@ -3,7 +3,7 @@
 With draws z_s ~ q and log weights ``log w_s = log p(x, z_s) - log q(z_s)`` (both in the
 constrained space the model is written in; a guide's change of variables enters log q):
 
-- the Pareto k-hat of the weights' right tail (Yao, Vehtari, Simpson & Gelman, 2018):
+- the Pareto k-hat of the weights' right tail (``-inf`` when all weights are equal) (Yao, Vehtari, Simpson & Gelman, 2018):
   below 0.5 (or the sample-size-aware threshold ``min(1 - 1/log10(S), 0.7)`` of Vehtari
   et al., 2024) the importance-corrected estimates are reliable; above 0.7 q misses mass
   of the posterior.
@@ -51,7 +51,7 @@ class Diagnosis:
 
     @property
     def reliable(self) -> bool:
-        return bool(np.isfinite(self.khat) and self.khat < self.khat_threshold)
+        return bool(self.khat < self.khat_threshold)  # False for nan
 
     def __str__(self):
         lines = [
@@ -152,8 +152,14 @@ def diagnose(result, *, num_samples: int = 4000, key=None) -> Diagnosis:
         )
         log_w = np.where(finite, log_w, -np.inf)
     # arviz-stats' psislw expects log-likelihood-like input and negates it internally.
-    _, khat = array_stats.psislw(-np.where(finite, log_w, np.min(log_w[finite], initial=0.0) - 1e3))
-    khat = float(khat)
+    spread = np.ptp(log_w[finite]) if finite.any() else 0.0
+    if finite.sum() > 1 and spread < 1e-4:
+        khat = float("-inf")  # equal weights: q matches p up to float rounding, no tail at all
+    else:
+        # arviz-stats' psislw expects log-likelihood-like input and negates it internally.
+        floor = np.min(log_w[finite], initial=0.0) - 1e3
+        _, khat = array_stats.psislw(-np.where(finite, log_w, floor))
+        khat = float(khat)
     threshold = min(1.0 - 1.0 / math.log10(num_samples), 0.7)
     lse = float(jax.nn.logsumexp(jnp.asarray(log_w)))
     log_evidence = lse - math.log(num_samples)
