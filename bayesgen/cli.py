@@ -65,16 +65,30 @@ def demo_main(argv):
     run_demo(a.out, steps=a.steps, seed=a.seed)
 
 
+def memory_main(argv):
+    from bayesgen.bench.memory import run_memory_benchmark
+
+    p = argparse.ArgumentParser(prog="bayesgen bench-memory",
+                                description="Peak memory of 4000 draws from a flow on a 601-d BNN.")
+    p.add_argument("--flow", default="maf")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--draws", type=int, default=4000)
+    a = p.parse_args(argv)
+    run_memory_benchmark(a.flow, steps=a.steps, num_draws=a.draws)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: bayesgen {bench,demo} [options]   (bayesgen CMD --help for options)")
+        print("usage: bayesgen {bench,bench-memory,demo} [options]   (bayesgen CMD --help for options)")
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
     if cmd == "bench":
         bench_main(rest)
     elif cmd == "demo":
         demo_main(rest)
+    elif cmd == "bench-memory":
+        memory_main(rest)
     else:
         print(f"bayesgen: unknown command {cmd!r}; use 'bench' or 'demo'", file=sys.stderr)
         return 2
