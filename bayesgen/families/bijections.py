@@ -9,13 +9,13 @@ on one scalar for planar), so they can be tested and used to score arbitrary val
 Planar::
 
     f(x) = x + u_hat * tanh(w^T x + b)
-    u_hat = u + (m(w^T u) - w^T u) w / |w|^2,   m(a) = -1 + softplus(a)   (so w^T u_hat > -1)
+    u_hat = u + (m(w^T u) - w^T u) w / |w|^2,   m(a) = -1 + softplus(a) + 1e-4   (w^T u_hat > -1)
     log|det J| = log|1 + (1 - tanh^2(w^T x + b)) u_hat^T w|
 
 Radial::
 
     f(x) = x + beta h(r) (x - x0),   r = |x - x0|,   h(r) = 1 / (alpha + r)
-    alpha = softplus(alpha_raw) > 0,   beta = -alpha + softplus(beta_raw)   (so beta > -alpha)
+    alpha = softplus(alpha_raw) > 0,   beta = -alpha + softplus(beta_raw) + 1e-4   (beta > -alpha)
     log|det J| = (d - 1) log(1 + beta h) + log(1 + beta alpha / (alpha + r)^2)
 
 References
@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from flowjax.bijections import AbstractBijection
 
+_MARGIN = 1e-4  # keeps the constraints strict in float32 (softplus underflows to 0)
 _SOFTPLUS_INV_1 = float(jnp.log(jnp.expm1(1.0)))  # softplus(a) = 1  <=>  m(a) = 0
 
 
@@ -61,7 +62,7 @@ class Planar(AbstractBijection):
 
     def u_hat(self):
         wu = jnp.dot(self.w, self.u)
-        m = -1.0 + jax.nn.softplus(wu)
+        m = -1.0 + jax.nn.softplus(wu) + _MARGIN
         return self.u + (m - wu) * self.w / jnp.sum(self.w**2)
 
     def transform_and_log_det(self, x, condition=None):
@@ -112,7 +113,7 @@ class Radial(AbstractBijection):
 
     def alpha_beta(self):
         alpha = jax.nn.softplus(self.alpha_raw)
-        beta = -alpha + jax.nn.softplus(self.beta_raw)
+        beta = -alpha + jax.nn.softplus(self.beta_raw) + _MARGIN
         return alpha, beta
 
     def _log_det(self, r, alpha, beta):
