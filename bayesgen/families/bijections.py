@@ -87,7 +87,11 @@ class Planar(AbstractBijection):
             return jnp.where(above, lo, mid), jnp.where(above, mid, hi)
 
         lo, hi = jax.lax.fori_loop(0, self.bisection_steps, body, (lo, hi))
-        s = 0.5 * (lo + hi)
+        # The bracket carries no useful derivative; one Newton step from the stopped root
+        # leaves the value (up to round-off) and gives the implicit-function derivatives.
+        s = jax.lax.stop_gradient(0.5 * (lo + hi))
+        t = jnp.tanh(s + self.b)
+        s = s - (s + c * t - target) / (1.0 + (1.0 - t**2) * c)
         t = jnp.tanh(s + self.b)
         x = y - u_hat * t
         log_det = jnp.log(jnp.abs(1.0 + (1.0 - t**2) * c))

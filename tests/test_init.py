@@ -1,0 +1,152 @@
+"""find_preconditioner on potentials with a known answer.
+
+For a Gaussian potential ``U(z) = (z - mu)^T P (z - mu) / 2`` the Hessian is exact everywhere,
+so the curvature Gaussian of every iterate has the exact covariance ``P^{-1}`` and the path ends
+at the mean. The target below is badly scaled (sds 0.01 .. 10, condition number ~1e6) and
+correlated, the situation the preconditioner is for.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+from bayesgen.init import Preconditioner, find_preconditioner
+
+D = 6
+SD = np.array([0.01, 10.0, 1.0, 0.3, 3.0, 0.05])
+MU = np.array([0.3, -20.0, 5.0, 1.0, -3.0, 0.02])
+
+
+def _gaussian():
+    rng = np.random.default_rng(1)
+    q, _ = np.linalg.qr(rng.normal(size=(D, D)))
+    corr = q @ np.diag([0.1, 0.3, 0.7, 1.2, 1.6, 2.1]) @ q.T
+    corr /= np.sqrt(np.outer(np.diag(corr), np.diag(corr)))
+    cov = corr * np.outer(SD, SD)
+    return cov, np.linalg.inv(cov)
+
+
+COV, PREC = _gaussian()
+_P32, _MU32 = jnp.asarray(PREC, jnp.float32), jnp.asarray(MU, jnp.float32)
+
+
+def potential(z):
+    r = z - _MU32
+    return 0.5 * r @ _P32 @ r
+
+
+X0 = jnp.zeros(D)
+
+
+_run = jax.jit(
+    lambda key, *, widen, objective, num_draws=32: find_preconditioner(
+        potential, X0, key, widen=widen, objective=objective, num_draws=num_draws
+    ),
+    static_argnames=("widen", "objective", "num_draws"),
+)
+
+
+def _whitened(cov):
+    """C^{-1/2} cov C^{-1/2}: the identity when cov is the exact covariance."""
+    lam, vec = np.linalg.eigh(COV)
+    c_inv_half = (vec / np.sqrt(lam)) @ vec.T
+    return c_inv_half @ cov @ c_inv_half
+
+
+def _mahalanobis(loc):
+    delta = np.asarray(loc, np.float64) - MU
+    return float(np.sqrt(delta @ PREC @ delta))
+
+
+def _cov(scale):
+    scale = np.asarray(scale, np.float64)
+    return scale @ scale.T
+
+
+def test_target_is_badly_scaled_and_correlated():
+    corr = COV / np.outer(SD, SD)
+    assert np.linalg.cond(COV) > 1e5
+    assert np.max(np.abs(corr - np.eye(D))) > 0.4
+
+
+def test_dense_without_widening_recovers_the_exact_covariance():
+    pre = _run(jr.key(0), widen=False, objective="iw")
+    assert isinstance(pre, Preconditioner)
+    assert pre.loc.shape == (D,) and pre.scale.shape == (D, D)
+    scale = np.asarray(pre.scale)
+    np.testing.assert_array_equal(np.triu(scale, 1), 0.0)  # lower triangular
+    assert np.all(np.diag(scale) > 0)
+    assert np.isfinite(float(pre.elbo))
+    # float32 Hessian and eigendecomposition of a condition-1e6 matrix: ~0.2% here
+    w = _whitened(_cov(pre.scale))
+    assert np.max(np.abs(np.linalg.eigvalsh(w) - 1.0)) < 0.01
+    np.testing.assert_allclose(np.sqrt(np.diag(_cov(pre.scale))), SD, rtol=5e-3)
+
+
+def test_widening_adds_the_start_covariance():
+    """widen=True adds the start point's curvature covariance: >= the exact one (PSD
+    difference), and for a Gaussian (same Hessian everywhere) exactly twice it."""
+    narrow = _cov(_run(jr.key(0), widen=False, objective="iw").scale)
+    wide = _cov(_run(jr.key(0), widen=True, objective="iw").scale)
+    diff_eigs = np.linalg.eigvalsh(_whitened(wide - COV))
+    assert diff_eigs.min() > 0.9  # wide - exact >= 0.9 exact: well inside the PSD cone
+    np.testing.assert_allclose(np.linalg.eigvalsh(_whitened(wide)), 2.0, rtol=0.01)
+    np.testing.assert_allclose(wide, 2.0 * narrow, rtol=1e-3, atol=1e-5 * np.abs(wide).max())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_elbo_objective_returns_the_mean(seed):
+    """With the ELBO objective the chosen iterate is the mean up to the common-random-number
+    bias of the draws (the chosen iterate minimises |delta + mean(eps)| along the path:
+    |mean(eps)| ~ sqrt(d / num_draws) = 0.05 Mahalanobis for 2048 draws)."""
+    pre = _run(jr.key(seed), widen=False, objective="elbo", num_draws=2048)
+    assert _mahalanobis(pre.loc) < 0.15
+    assert np.all(np.abs(np.asarray(pre.loc) - MU) / SD < 0.1)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="objective='iw' (the default) is nearly insensitive to the location: with the "
+    "exact covariance the importance-weighted bound over 32 draws is almost flat along the "
+    "path, so the chosen loc lands 0.6-4.4 sd from the mean depending on the key",
+)
+def test_default_objective_returns_the_mean():
+    dists = [_mahalanobis(_run(jr.key(s), widen=False, objective="iw").loc) for s in range(3)]
+    assert max(dists) < 0.25, dists
+
+
+def test_diagonal_mode_recovers_the_variances_of_a_diagonal_gaussian():
+    var = SD**2
+    prec = jnp.asarray(1.0 / var, jnp.float32)
+
+    def diag_potential(z):
+        return 0.5 * jnp.sum(prec * (z - _MU32) ** 2)
+
+    pre = jax.jit(
+        lambda k: find_preconditioner(diag_potential, X0, k, dense=False, widen=False)
+    )(jr.key(3))
+    assert pre.scale.shape == (D,)
+    # Rademacher probes give the diagonal of a diagonal Hessian exactly
+    np.testing.assert_allclose(np.asarray(pre.scale, np.float64) ** 2, var, rtol=1e-4)
+    assert np.isfinite(float(pre.elbo))
+
+
+@pytest.mark.parametrize("bad", [jnp.inf, jnp.nan])
+def test_potential_nonfinite_everywhere_but_the_start(bad):
+    x0 = jnp.asarray([0.5, -1.0, 2.0])
+
+    def spike(z):
+        at_start = jnp.all(z == x0)
+        return jnp.where(at_start, 0.5 * jnp.sum(z**2), bad)
+
+    pre = jax.jit(lambda k: find_preconditioner(spike, x0, k, num_steps=10))(jr.key(4))
+    assert np.all(np.isfinite(np.asarray(pre.loc)))
+    assert np.all(np.isfinite(np.asarray(pre.scale)))
+    np.testing.assert_array_equal(np.asarray(pre.loc), np.asarray(x0))
+    np.testing.assert_array_equal(np.asarray(pre.scale), np.eye(3))  # the documented fallback
+    assert float(pre.elbo) == -np.inf
+    assert int(pre.iteration) == 0
