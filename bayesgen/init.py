@@ -14,11 +14,17 @@ iterate ``z_k`` form a Gaussian from the local curvature,
 
 (eigenvalues replaced by their absolute values and floored, so the matrix is positive
 definite even where U is not convex), or, above ``dense_max_dim`` coordinates, from a
-Hutchinson estimate of diag(H_k). Each Gaussian is scored by a Monte Carlo ELBO with common
-random numbers and the best one is returned. Choosing by ELBO along the path instead of
-taking the end point (the Laplace approximation at the MAP) matters for hierarchical models:
-their MAP sits at a collapsed scale (tau -> 0, the funnel's neck) where the Laplace
-approximation is useless, while an earlier iterate gives a sensible scale.
+Hutchinson estimate of diag(H_k). Each Gaussian is scored with common (antithetic) random
+numbers by its importance-weighted (IW) bound and its ELBO, and by default the best IW
+bound is returned. Scoring along the path
+instead of taking the end point (the Laplace approximation at the MAP) matters for
+hierarchical models: their MAP sits at a collapsed scale (tau -> 0, the funnel's neck) where
+the Laplace approximation is useless. The plain ELBO also prefers the collapsed neck (reverse
+KL is mode-seeking); the IW bound keeps the wider start. Its known weakness: any consistent
+estimate of log Z is flat in the location, and at 32 draws a mislocated Gaussian can win by a
+lucky heavy weight, so the returned loc can sit a few sd from the mode (the learned affine
+layer of the guide moves it during training). Breaking near-ties of the IW bound by the ELBO
+was tried and does not help: the lucky overshoot is several nats, more than any tie margin.
 
 Pathfinder proper uses the L-BFGS inverse-Hessian estimate; we use the exact Hessian (or
 its diagonal) because the dimensions here are moderate and it is more robust on small
@@ -117,18 +123,29 @@ def find_preconditioner(
         ``d <= dense_max_dim``.
     num_probes : Rademacher probes for the diagonal-Hessian estimate (diagonal mode).
     curvature_floor : smallest curvature kept (eigenvalue or diagonal entry).
+    objective : how an iterate's Gaussian is chosen. ``"elbo"``: the best Monte Carlo ELBO
+        (mode-seeking: on a funnel it picks the collapsed neck). ``"iw"``: the best
+        importance-weighted bound over the draws (default; mass-covering, but nearly flat in the
+        location, so the loc is noisy).
+    widen : add the start point's covariance to the chosen one (never narrower than the
+        curvature at the start).
 
     Returns
     -------
     Preconditioner with ``loc`` (d,), ``scale`` (d, d) lower triangular or (d,), the chosen
-    Gaussian's ELBO and its iterate index. When no iterate gives a finite ELBO, the start
+    Gaussian's ELBO and its iterate index. Draws are antithetic pairs (``num_draws`` rounded
+    up to even), so for a Gaussian target the ELBO is exact in the location. When no iterate gives a finite ELBO, the start
     point with unit scale is returned (``elbo = -inf``).
     """
     x0 = jnp.asarray(x0)
     d = x0.shape[0]
     dense = d <= dense_max_dim if dense is None else dense
     k_draw, k_probe = jr.split(key)
-    eps = jr.normal(k_draw, (num_draws, d), dtype=x0.dtype)
+    if objective not in ("elbo", "iw"):
+        raise ValueError(f"objective must be 'elbo' or 'iw', got {objective!r}")
+    half = jr.normal(k_draw, ((num_draws + 1) // 2, d), dtype=x0.dtype)
+    eps = jnp.concatenate([half, -half])  # antithetic: the ELBO of a Gaussian target is exact in loc
+    n_eps = eps.shape[0]
     path = _lbfgs_path(potential, x0, num_steps)
 
     def score(x):
@@ -143,15 +160,13 @@ def find_preconditioner(
         energy = jax.vmap(potential)(z)
         log_q = -0.5 * jnp.sum(eps**2, axis=-1) - log_det - 0.5 * d * jnp.log(2.0 * jnp.pi)
         log_w = -energy - log_q
-        if objective == "elbo":
-            elbo = jnp.mean(log_w)
-        else:  # importance-weighted bound over the draws
-            elbo = jax.nn.logsumexp(log_w) - jnp.log(num_draws)
-        ok = jnp.isfinite(elbo) & jnp.all(jnp.isfinite(scale))
-        return jnp.where(ok, elbo, -jnp.inf), scale
+        elbo = jnp.mean(log_w)
+        iw = jax.nn.logsumexp(log_w) - jnp.log(n_eps)  # importance-weighted bound
+        ok = jnp.isfinite(elbo) & jnp.isfinite(iw) & jnp.all(jnp.isfinite(scale))
+        return jnp.where(ok, elbo, -jnp.inf), jnp.where(ok, iw, -jnp.inf), scale
 
-    elbos, scales = jax.lax.map(score, path)
-    best = jnp.argmax(elbos)
+    elbos, iws, scales = jax.lax.map(score, path)
+    best = jnp.argmax(elbos if objective == "elbo" else iws)
     found = jnp.isfinite(elbos[best])
     unit = jnp.eye(d, dtype=x0.dtype) if dense else jnp.ones(d, dtype=x0.dtype)
     loc = jnp.where(found, path[best], x0)

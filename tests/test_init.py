@@ -43,7 +43,7 @@ X0 = jnp.zeros(D)
 
 
 _run = jax.jit(
-    lambda key, *, widen, objective, num_draws=32: find_preconditioner(
+    lambda key, *, widen, objective="iw", num_draws=32: find_preconditioner(
         potential, X0, key, widen=widen, objective=objective, num_draws=num_draws
     ),
     static_argnames=("widen", "objective", "num_draws"),
@@ -110,13 +110,18 @@ def test_elbo_objective_returns_the_mean(seed):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="objective='iw' (the default) is nearly insensitive to the location: with the "
-    "exact covariance the importance-weighted bound over 32 draws is almost flat along the "
-    "path, so the chosen loc lands 0.6-4.4 sd from the mean depending on the key",
+    reason="objective='iw' (the default) is nearly insensitive to the location: a mislocated "
+    "Gaussian can win by one lucky heavy weight at 32 draws, so the loc lands up to ~4.5 "
+    "Mahalanobis from the mean depending on the key (see bayesgen/init.py)",
 )
 def test_default_objective_returns_the_mean():
-    dists = [_mahalanobis(_run(jr.key(s), widen=False, objective="iw").loc) for s in range(3)]
+    dists = [_mahalanobis(_run(jr.key(s), widen=False).loc) for s in range(3)]
     assert max(dists) < 0.25, dists
+
+
+def test_unknown_objective_is_refused():
+    with pytest.raises(ValueError, match="objective"):
+        _run(jr.key(0), widen=False, objective="kl")
 
 
 def test_diagonal_mode_recovers_the_variances_of_a_diagonal_gaussian():
