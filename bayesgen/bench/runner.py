@@ -47,10 +47,7 @@ def make_guide(method: str, model, **options):
     raise ValueError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
 
 
-def time_svi_step(svi, state, args=(), kwargs=None, *, num_steps: int = 200, repeats: int = 3):
-    """Seconds per compiled SVI step (best of ``repeats`` runs of ``num_steps`` steps)."""
-    kwargs = kwargs or {}
-
+def _compiled_runner(svi, args, kwargs, num_steps):
     @jax.jit
     def run(state):
         def body(s, _):
@@ -59,13 +56,20 @@ def time_svi_step(svi, state, args=(), kwargs=None, *, num_steps: int = 200, rep
 
         return jax.lax.scan(body, state, None, length=num_steps)
 
+    return run
+
+
+def _time_once(run, state):
+    t0 = time.perf_counter()
+    jax.block_until_ready(run(state))
+    return time.perf_counter() - t0
+
+
+def time_svi_step(svi, state, args=(), kwargs=None, *, num_steps: int = 200, repeats: int = 3):
+    """Seconds per compiled SVI step (best of ``repeats`` runs of ``num_steps`` steps)."""
+    run = _compiled_runner(svi, args, kwargs or {}, num_steps)
     jax.block_until_ready(run(state))  # compile
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(run(state))
-        best = min(best, time.perf_counter() - t0)
-    return best / num_steps
+    return min(_time_once(run, state) for _ in range(repeats)) / num_steps
 
 
 def _sites(reference):
@@ -161,12 +165,13 @@ def run_bench(targets, methods, *, steps=10000, num_particles=8, learning_rate=2
 
 
 def steptime_comparison(targets, *, num_layers=3, hidden=None, depth=2, num_particles=1,
-                        seed=0, log=print):
+                        num_steps=2000, repeats=7, seed=0, log=print):
     """Step time of AutoMAF and AutoRealNVP against AutoIAFNormal at equal depth and width.
 
     numpyro's AutoIAFNormal(num_flows=L, hidden_dims=[H] * depth) against bayesgen flows with
     ``num_layers=L, hidden=H, depth=depth`` (H defaults to the latent dimension, numpyro's
-    default width), all with the same optimiser, measured in the same process.
+    default width), all with the same optimiser, measured in the same process: best of
+    ``repeats`` interleaved runs of ``num_steps`` compiled steps.
     """
     rows = []
     for tname in targets:
@@ -179,12 +184,19 @@ def steptime_comparison(targets, *, num_layers=3, hidden=None, depth=2, num_part
             "realnvp": AutoFlow(target.model, flow="realnvp", num_layers=num_layers, hidden=h,
                                 depth=depth),
         }
-        times = {}
+        runs = {}
         for name, guide in guides.items():
             svi = SVI(target.model, guide, numpyro.optim.Adam(1e-3), Trace_ELBO(num_particles))
             state = svi.init(jr.key(seed), *target.args, **dict(target.kwargs))
-            times[name] = 1e3 * time_svi_step(svi, state, target.args, dict(target.kwargs),
-                                              num_steps=500)
+            run = _compiled_runner(svi, target.args, dict(target.kwargs), num_steps)
+            jax.block_until_ready(run(state))  # compile
+            runs[name] = (run, state)
+        # Interleave the timings so a load change on the machine hits every guide alike.
+        best = {name: math.inf for name in runs}
+        for _ in range(repeats):
+            for name, (run, state) in runs.items():
+                best[name] = min(best[name], _time_once(run, state))
+        times = {name: 1e3 * t / num_steps for name, t in best.items()}
         for name, t in times.items():
             rows.append({"target": tname, "method": name, "layers": num_layers, "hidden": h,
                          "depth": depth, "step_ms": t, "vs_iaf": t / times["numpyro-iaf"]})
