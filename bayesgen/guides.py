@@ -48,8 +48,10 @@ class AutoFlow(AutoContinuous):
         planar/radial 32).
     hidden : conditioner width (default ``clip(2 d, 32, 256)``; for bnaf the block size, 8).
     depth : conditioner hidden layers (default 2; bnaf 1).
-    affine : ``"tril"`` (full lower-triangular learned affine and preconditioner),
-        ``"diag"`` or ``"auto"`` (tril up to 256 latent dimensions).
+    affine : the learned affine (whitening) layer and the preconditioner's form: ``"tril"``
+        (full lower triangular), ``"diag"``, ``"auto"`` (tril up to 256 latent dimensions),
+        or ``"none"`` (no learned affine layer: the flow alone, after the preconditioner,
+        which is then diagonal).
     init_scale : ``"pathfinder"`` (default) finds the preconditioner by an L-BFGS path with
         Gaussian ELBOs; ``None`` uses the model's initial point with unit scale; or a
         ``(loc, scale)`` pair given by the user.
@@ -81,8 +83,12 @@ class AutoFlow(AutoContinuous):
     ):
         if flow is not None and flow not in FLOW_KINDS:
             raise ValueError(f"flow must be one of {FLOW_KINDS} or None, got {flow!r}")
-        if affine not in ("auto", "tril", "diag"):
-            raise ValueError(f"affine must be 'auto', 'tril' or 'diag', got {affine!r}")
+        if affine not in ("auto", "tril", "diag", "none"):
+            raise ValueError(
+                f"affine must be 'auto', 'tril', 'diag' or 'none', got {affine!r}"
+            )
+        if affine == "none" and flow is None:
+            raise ValueError("affine='none' with flow=None leaves nothing to fit; pick one")
         if not (init_scale is None or init_scale == "pathfinder" or isinstance(init_scale, tuple | list)):
             raise ValueError(
                 "init_scale must be 'pathfinder', None or a (loc, scale) pair, "
@@ -162,13 +168,16 @@ class AutoFlow(AutoContinuous):
         bij = None
         if self._flow_template is not None:
             bij = register_params(f"{self.prefix}_flow", self._flow_template)
-        loc = numpyro.param(f"{self.prefix}_loc", jnp.zeros(d))
-        if self._dense():
+        if self.affine == "none":
+            loc, scale = jnp.zeros(d), jnp.ones(d)  # identity: no learned affine layer
+        elif self._dense():
+            loc = numpyro.param(f"{self.prefix}_loc", jnp.zeros(d))
             scale = numpyro.param(
                 f"{self.prefix}_scale_tril", jnp.eye(d),
                 constraint=constraints.softplus_lower_cholesky,
             )
         else:
+            loc = numpyro.param(f"{self.prefix}_loc", jnp.zeros(d))
             scale = numpyro.param(
                 f"{self.prefix}_scale", jnp.ones(d), constraint=constraints.softplus_positive
             )
