@@ -43,7 +43,7 @@ X0 = jnp.zeros(D)
 
 
 _run = jax.jit(
-    lambda key, *, widen, objective="iw", num_draws=32: find_preconditioner(
+    lambda key, *, widen, objective="elbo", num_draws=32: find_preconditioner(
         potential, X0, key, widen=widen, objective=objective, num_draws=num_draws
     ),
     static_argnames=("widen", "objective", "num_draws"),
@@ -108,15 +108,20 @@ def test_elbo_objective_returns_the_mean(seed):
     assert np.all(np.abs(np.asarray(pre.loc) - MU) / SD < 0.1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="objective='iw' (the default) is nearly insensitive to the location: a mislocated "
-    "Gaussian can win by one lucky heavy weight at 32 draws, so the loc lands up to ~4.5 "
-    "Mahalanobis from the mean depending on the key (see bayesgen/init.py)",
-)
-def test_default_objective_returns_the_mean():
-    dists = [_mahalanobis(_run(jr.key(s), widen=False).loc) for s in range(3)]
-    assert max(dists) < 0.25, dists
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_default_objective_returns_the_mean(seed):
+    """The default ELBO objective with antithetic draws is exact in the location for a
+    Gaussian target, so the chosen iterate is the mean (the end of the L-BFGS path)."""
+    pre = _run(jr.key(seed), widen=False)
+    assert _mahalanobis(pre.loc) < 0.05
+    assert np.all(np.abs(np.asarray(pre.loc) - MU) / SD < 0.02)
+
+
+def test_iw_objective_is_loose_in_the_location():
+    """Documents why the IW bound is not the default: over seeds it picks an iterate far from
+    the mean at least once (a lucky heavy weight), which the ELBO never does."""
+    dists = [_mahalanobis(_run(jr.key(s), widen=False, objective="iw").loc) for s in range(3)]
+    assert max(dists) > 1.0, dists
 
 
 def test_unknown_objective_is_refused():
