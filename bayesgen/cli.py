@@ -90,7 +90,7 @@ def main(argv=None):
     elif cmd == "bench-memory":
         memory_main(rest)
     else:
-        print(f"bayesgen: unknown command {cmd!r}; use 'bench' or 'demo'", file=sys.stderr)
+        print(f"bayesgen: unknown command {cmd!r}; use 'bench', 'bench-memory' or 'demo'", file=sys.stderr)
         return 2
     return 0
 

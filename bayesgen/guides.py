@@ -170,17 +170,17 @@ class AutoFlow(AutoContinuous):
             bij = register_params(f"{self.prefix}_flow", self._flow_template)
         if self.affine == "none":
             loc, scale = jnp.zeros(d), jnp.ones(d)  # identity: no learned affine layer
-        elif self._dense():
-            loc = numpyro.param(f"{self.prefix}_loc", jnp.zeros(d))
-            scale = numpyro.param(
-                f"{self.prefix}_scale_tril", jnp.eye(d),
-                constraint=constraints.softplus_lower_cholesky,
-            )
         else:
             loc = numpyro.param(f"{self.prefix}_loc", jnp.zeros(d))
-            scale = numpyro.param(
-                f"{self.prefix}_scale", jnp.ones(d), constraint=constraints.softplus_positive
-            )
+            if self._dense():
+                scale = numpyro.param(
+                    f"{self.prefix}_scale_tril", jnp.eye(d),
+                    constraint=constraints.softplus_lower_cholesky,
+                )
+            else:
+                scale = numpyro.param(
+                    f"{self.prefix}_scale", jnp.ones(d), constraint=constraints.softplus_positive
+                )
         pre_loc, pre_scale = self.preconditioner
         return FlowFamily(bij, loc, scale, pre_loc, pre_scale)
 

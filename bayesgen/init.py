@@ -26,7 +26,8 @@ location, and at tens of draws a mislocated or far too wide Gaussian wins by one
 weight. On non-centered eight schools the IW choice put log tau at 2.4 +- 1.6, the first
 steps overflowed (losses near 1e7) and AutoMAF never recovered; with the ELBO choice every
 benchmark target trains (the funnel from its neck too: AutoRealNVP sd(v) 2.54 at 10k steps).
-``objective="iw"`` stays available.
+``objective="iw"`` stays available. (Widening the chosen Gaussian by the start point's
+covariance was also tried, and broke centered eight schools in the same way.)
 
 Pathfinder proper uses the L-BFGS inverse-Hessian estimate; we use the exact Hessian (or
 its diagonal) because the dimensions here are moderate and it is more robust on small
@@ -110,7 +111,6 @@ def find_preconditioner(
     num_probes: int = 16,
     curvature_floor: float = 1e-6,
     objective: str = "elbo",
-    widen: bool = False,
 ) -> Preconditioner:
     """Best Gaussian along an L-BFGS path on ``potential`` (a function of the flat latent).
 
@@ -129,15 +129,13 @@ def find_preconditioner(
         Carlo ELBO (mode-seeking: on a funnel it picks the neck). ``"iw"``: the best
         importance-weighted bound over the draws (mass-covering, but nearly flat in the
         location and prone to picking too-wide Gaussians; see the module docstring).
-    widen : add the start point's covariance to the chosen one (never narrower than the
-        curvature at the start).
 
     Returns
     -------
     Preconditioner with ``loc`` (d,), ``scale`` (d, d) lower triangular or (d,), the chosen
     Gaussian's ELBO and its iterate index. Draws are antithetic pairs (``num_draws`` rounded
-    up to even), so for a Gaussian target the ELBO is exact in the location. When no iterate gives a finite ELBO, the start
-    point with unit scale is returned (``elbo = -inf``).
+    up to even), so for a Gaussian target the ELBO is exact in the location. When no iterate
+    gives a finite ELBO, the start point with unit scale is returned (``elbo = -inf``).
     """
     x0 = jnp.asarray(x0)
     d = x0.shape[0]
@@ -146,7 +144,7 @@ def find_preconditioner(
     if objective not in ("elbo", "iw"):
         raise ValueError(f"objective must be 'elbo' or 'iw', got {objective!r}")
     half = jr.normal(k_draw, ((num_draws + 1) // 2, d), dtype=x0.dtype)
-    eps = jnp.concatenate([half, -half])  # antithetic: the ELBO of a Gaussian target is exact in loc
+    eps = jnp.concatenate([half, -half])  # antithetic: a Gaussian target's ELBO is exact in loc
     n_eps = eps.shape[0]
     path = _lbfgs_path(potential, x0, num_steps)
 
@@ -172,15 +170,5 @@ def find_preconditioner(
     found = jnp.isfinite(elbos[best])
     unit = jnp.eye(d, dtype=x0.dtype) if dense else jnp.ones(d, dtype=x0.dtype)
     loc = jnp.where(found, path[best], x0)
-    scale = scales[best]
-    if widen:
-        # Add the start point's covariance: never narrower than the curvature at the start.
-        start_ok = jnp.isfinite(elbos[0])
-        start = jnp.where(start_ok, scales[0], jnp.zeros_like(scales[0]))
-        if dense:
-            cov = scale @ scale.T + start @ start.T
-            scale = jnp.linalg.cholesky(cov + 1e-10 * jnp.max(jnp.diagonal(cov)) * jnp.eye(d))
-        else:
-            scale = jnp.sqrt(scale**2 + start**2)
-    scale = jnp.where(found, scale, unit)
+    scale = jnp.where(found, scales[best], unit)
     return Preconditioner(loc, scale, elbos[best], jnp.where(found, best, 0))

@@ -3,10 +3,10 @@
 With draws z_s ~ q and log weights ``log w_s = log p(x, z_s) - log q(z_s)`` (both in the
 constrained space the model is written in; a guide's change of variables enters log q):
 
-- the Pareto k-hat of the weights' right tail (``-inf`` when all weights are equal) (Yao, Vehtari, Simpson & Gelman, 2018):
-  below 0.5 (or the sample-size-aware threshold ``min(1 - 1/log10(S), 0.7)`` of Vehtari
-  et al., 2024) the importance-corrected estimates are reliable; above 0.7 q misses mass
-  of the posterior.
+- the Pareto k-hat of the weights' right tail (Yao, Vehtari, Simpson & Gelman, 2018;
+  ``-inf`` when all weights are equal): below 0.5 (or the sample-size-aware threshold
+  ``min(1 - 1/log10(S), 0.7)`` of Vehtari et al., 2024) the importance-corrected estimates
+  are reliable; above 0.7 q misses mass of the posterior.
 - the importance-weighted log-evidence ``log(mean_s w_s)`` (Burda et al., 2016), a
   stochastic lower bound on log p(x) in expectation that tightens with S, beside the ELBO
   ``mean_s log w_s``;
@@ -151,7 +151,6 @@ def diagnose(result, *, num_samples: int = 4000, key=None) -> Diagnosis:
             "mass where the model's density is zero or undefined); they count as zero weight"
         )
         log_w = np.where(finite, log_w, -np.inf)
-    # arviz-stats' psislw expects log-likelihood-like input and negates it internally.
     spread = np.ptp(log_w[finite]) if finite.any() else 0.0
     if finite.sum() > 1 and spread < 1e-4:
         khat = float("-inf")  # equal weights: q matches p up to float rounding, no tail at all

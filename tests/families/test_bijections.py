@@ -26,18 +26,10 @@ import pytest
 
 from bayesgen.families.bijections import Planar, Radial
 from bayesgen.families.flows import FLOW_KINDS, build_flow
+from flow_test_helpers import perturb
 
 COUPLING = ("realnvp", "nsf")
 NUM_POINTS = 24
-
-
-def perturb(module, key, scale):
-    """Add N(0, scale^2) noise to every inexact-array leaf (weights, biases, raw parameters)."""
-    params, static = eqx.partition(module, eqx.is_inexact_array)
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jr.split(key, len(leaves))
-    leaves = [x + scale * jr.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys, strict=True)]
-    return eqx.combine(jax.tree.unflatten(treedef, leaves), static)
 
 
 @eqx.filter_jit

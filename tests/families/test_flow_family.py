@@ -24,16 +24,9 @@ from scipy import stats
 
 from bayesgen.families.base import DENSITY_KINDS, Family
 from bayesgen.families.flows import FLOW_KINDS, FlowFamily, build_flow
+from flow_test_helpers import perturb
 
 DIM = 3
-
-
-def perturb(module, key, scale):
-    params, static = eqx.partition(module, eqx.is_inexact_array)
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jr.split(key, len(leaves))
-    leaves = [x + scale * jr.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys, strict=True)]
-    return eqx.combine(jax.tree.unflatten(treedef, leaves), static)
 
 
 def random_tril(key, d, diag_scale):
