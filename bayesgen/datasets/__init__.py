@@ -12,7 +12,17 @@ from importlib import resources
 
 import numpy as np
 
-__all__ = ["load_breast_cancer", "BREAST_CANCER_FEATURES", "data_path"]
+from bayesgen.datasets.uci import UCI_DATASETS, UCISplit, load_uci, uci_splits
+
+__all__ = [
+    "load_breast_cancer",
+    "BREAST_CANCER_FEATURES",
+    "data_path",
+    "load_uci",
+    "uci_splits",
+    "UCI_DATASETS",
+    "UCISplit",
+]
 
 
 def data_path(filename: str):
