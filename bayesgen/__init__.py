@@ -19,6 +19,8 @@ from bayesgen.guides import (
     AutoPlanarFlow,
     AutoRadialFlow,
     AutoRealNVP,
+    AutoSIVI,
+    AutoUIVI,
 )
 
 __version__ = "0.1.0"
@@ -31,6 +33,8 @@ __all__ = [
     "AutoPlanarFlow",
     "AutoRadialFlow",
     "AutoRealNVP",
+    "AutoSIVI",
+    "AutoUIVI",
     "Diagnosis",
     "EarlyStop",
     "Family",

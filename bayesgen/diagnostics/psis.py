@@ -12,8 +12,17 @@ constrained space the model is written in; a guide's change of variables enters 
   ``mean_s log w_s``;
 - the importance-sampling effective sample size ``1 / sum_s wbar_s^2``.
 
-All of this needs the exact log q. Guides whose density is a surrogate (a family declaring
-``density`` other than ``"exact"``) are refused with an explanation.
+All of this needs honest importance weights, never a training surrogate. For a family with
+an exact density, log q is its ``log_prob``. For semi-implicit and implicit families (SIVI,
+UIVI, kernel SIVI, SIVI-SM, LIVI), whose marginal log q has no closed form, the weights live
+on the extended space of the draw and its mixing variables: ``log w = log p(x, z) -
+log q_K(z)``, where ``q_K`` averages the conditional density over the generating mixing
+draw and K fresh ones (the family's ``log_importance_density``). These are exact importance
+weights for an extended target whose z-marginal is the posterior, so the evidence estimate
+is unbiased for every K and k-hat diagnoses the extended proposal, which approaches the
+marginal q as K grows (default K = 1000; see :mod:`bayesgen.families.semi_implicit`). A
+plug-in log q from fresh draws only would be biased low and is never used. Families with a
+surrogate and no such method are refused with an explanation.
 
 References
 ----------
@@ -48,6 +57,7 @@ class Diagnosis:
     num_samples: int
     log_weights: np.ndarray = dataclasses.field(repr=False)
     warnings: tuple[str, ...] = ()
+    weights: str = "exact log q"
 
     @property
     def reliable(self) -> bool:
@@ -60,6 +70,7 @@ class Diagnosis:
             f"log-evidence (IW) {self.log_evidence:.4f}  from {self.num_samples} draws",
             f"ELBO              {self.elbo:.4f}",
             f"IS ESS            {self.ess:.1f} ({100 * self.ess / self.num_samples:.1f}%)",
+            f"weights           {self.weights}",
         ]
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
@@ -69,36 +80,69 @@ class SurrogateDensityError(ValueError):
     """The guide's density is a surrogate, so importance weights from it are not honest."""
 
 
-def _check_exact(guide, params, args, kwargs, key):
+def _guide_kinds(guide, params, args, kwargs, key):
+    """Density kind of each latent guide site; refuse sites with no honest weight."""
     tr = handlers.trace(handlers.seed(handlers.substitute(guide, data=params), key)).get_trace(
         *args, **kwargs
     )
+    kinds = {}
     for name, site in tr.items():
         if site["type"] != "sample" or site.get("is_observed", False):
             continue
         kind = getattr(site["fn"], "density", "exact")
-        if kind != "exact":
+        if kind != "exact" and not hasattr(site["fn"], "log_importance_density"):
             raise SurrogateDensityError(
                 f"guide site {name!r} has a {kind!r} density ({type(site['fn']).__name__}): "
-                "its log_prob is a training surrogate, not log q, so PSIS weights and evidence "
-                "estimates from it would be wrong. Use a family with an exact density, or its "
-                "own diagnostic estimator where it provides one."
+                "its log_prob is a training surrogate, not log q, and the family provides no "
+                "extended-space importance density, so PSIS weights and evidence estimates "
+                "from it would be wrong. Use a family with an exact density or one that "
+                "implements log_importance_density."
             )
+        kinds[name] = kind
+    return kinds
 
 
-def log_importance_weights(model, guide, params, args=(), kwargs=None, *, key, num_samples):
-    """``log p(x, z_s) - log q(z_s)`` for ``num_samples`` draws of the guide (numpy array)."""
+def _guide_log_density(guide, params, args, kwargs, key, num_mixing):
+    """Like numpyro's ``log_density`` of the guide, with extended-space terms for surrogates."""
+    k_guide, k_mix = jr.split(key)
+    tr = handlers.trace(handlers.seed(handlers.substitute(guide, data=params), k_guide)).get_trace(
+        *args, **kwargs
+    )
+    total = 0.0
+    for site in tr.values():
+        if site["type"] != "sample" or site.get("is_observed", False):
+            continue
+        fn, value, inter = site["fn"], site["value"], site.get("intermediates")
+        if getattr(fn, "density", "exact") == "exact":
+            lp = fn.log_prob(value, inter) if inter else fn.log_prob(value)
+        else:
+            lp = fn.log_importance_density(k_mix, value, inter, num_mixing)
+        scale = site.get("scale")
+        lp = jnp.sum(lp) if scale is None else scale * jnp.sum(lp)
+        total = total + lp
+    return total, tr
+
+
+def log_importance_weights(
+    model, guide, params, args=(), kwargs=None, *, key, num_samples, num_mixing=1000
+):
+    """``log p(x, z_s) - log q(z_s)`` for ``num_samples`` draws of the guide (numpy array).
+
+    For surrogate families ``log q`` is the extended-space density with ``num_mixing``
+    fresh mixing draws (module docstring).
+    """
     kwargs = kwargs or {}
 
     def one(k):
-        log_q, g_tr = log_density(handlers.seed(guide, k), args, kwargs, params)
+        k_q, k_p = jr.split(k)
+        log_q, g_tr = _guide_log_density(guide, params, args, kwargs, k_q, num_mixing)
         latents = {
             n: s["value"]
             for n, s in g_tr.items()
             if s["type"] == "sample" and not s["is_observed"]
             and not s.get("infer", {}).get("is_auxiliary", False)
         }
-        log_p, _ = log_density(handlers.seed(model, k), args, kwargs, {**params, **latents})
+        log_p, _ = log_density(handlers.seed(model, k_p), args, kwargs, {**params, **latents})
         return log_p - log_q
 
     keys = jr.split(key, num_samples)
@@ -115,7 +159,7 @@ def log_importance_weights(model, guide, params, args=(), kwargs=None, *, key, n
     return np.concatenate(out)
 
 
-def diagnose(result, *, num_samples: int = 4000, key=None) -> Diagnosis:
+def diagnose(result, *, num_samples: int = 4000, key=None, num_mixing: int = 1000) -> Diagnosis:
     """PSIS k-hat, importance-weighted log-evidence, ELBO and IS ESS of a fitted guide.
 
     Parameters
@@ -124,12 +168,15 @@ def diagnose(result, *, num_samples: int = 4000, key=None) -> Diagnosis:
         ``params``, ``args`` and ``kwargs``).
     num_samples : number of guide draws S.
     key : PRNG key (default ``jax.random.key(0)``).
+    num_mixing : K, fresh mixing draws per z in the extended-space weights of semi-implicit
+        and implicit families (ignored for exact families). Larger K: weights closer to
+        the marginal ones, cost O(num_samples * K) conditional densities.
 
     Raises
     ------
     SurrogateDensityError
-        when the guide's family declares a surrogate density (lower bound / unbiased
-        gradient): weights from it would not be importance weights.
+        when the guide's family declares a surrogate density and has no extended-space
+        importance density: weights from it would not be importance weights.
     """
     from arviz_stats.base import array_stats
 
@@ -139,9 +186,17 @@ def diagnose(result, *, num_samples: int = 4000, key=None) -> Diagnosis:
     model, guide, params = result.model, result.guide, result.params
     args, kwargs = tuple(result.args), dict(result.kwargs or {})
     k_check, k_draw = jr.split(key)
-    _check_exact(guide, params, args, kwargs, k_check)
+    if not isinstance(num_mixing, int) or num_mixing < 1:
+        raise ValueError(f"num_mixing must be a positive int, got {num_mixing!r}")
+    kinds = _guide_kinds(guide, params, args, kwargs, k_check)
+    surrogate = sorted(n for n, k in kinds.items() if k != "exact")
+    weights = (
+        "exact log q" if not surrogate
+        else f"extended space (mixing draws, K={num_mixing}) for {', '.join(surrogate)}"
+    )
     log_w = log_importance_weights(
-        model, guide, params, args, kwargs, key=k_draw, num_samples=num_samples
+        model, guide, params, args, kwargs, key=k_draw, num_samples=num_samples,
+        num_mixing=num_mixing,
     )
     warnings = []
     finite = np.isfinite(log_w)
@@ -172,5 +227,5 @@ def diagnose(result, *, num_samples: int = 4000, key=None) -> Diagnosis:
         )
     return Diagnosis(
         khat=khat, khat_threshold=threshold, log_evidence=log_evidence, elbo=elbo, ess=ess,
-        num_samples=num_samples, log_weights=log_w, warnings=tuple(warnings),
+        num_samples=num_samples, log_weights=log_w, warnings=tuple(warnings), weights=weights,
     )

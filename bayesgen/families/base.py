@@ -25,11 +25,20 @@ vectors). It implements two methods:
         intermediates of the draw.
     ``"unbiased_gradient"``
         ``log_prob`` is a surrogate whose pathwise gradient is an unbiased estimate of the
-        gradient of E[log q] (UIVI, LIVI's linearised entropy); its value is not log q.
+        gradient of E[log q] (UIVI); its value is not log q.
+    ``"approximate"``
+        ``log_prob`` approximates log q with no bound or unbiasedness guarantee in general
+        (LIVI's linearised entropy); the family documents the special case where it is
+        exact (for LIVI: a linear generator).
 
-Anything that needs log q itself (PSIS k-hat, importance-weighted evidence) must check
-``density == "exact"`` or use a family-provided estimator; see
-:mod:`bayesgen.diagnostics`.
+Anything that needs log q itself (PSIS k-hat, importance-weighted evidence) must not use a
+surrogate. A family whose draws come from a tractable joint q(z, eps) (semi-implicit and
+implicit families: ``z ~ q(z | eps)``, ``eps ~ q(eps)``) provides
+``log_importance_density(key, value, intermediates, num_mixing)``: the log-density of an
+extended-space proposal whose importance weights ``p(x, z) / exp(...)`` have expectation
+exactly ``p(x)`` (see :mod:`bayesgen.families.semi_implicit`). :mod:`bayesgen.diagnostics`
+uses ``log_prob`` for exact families, that method otherwise, and refuses a family with
+neither.
 
 Families carry their parameters as ordinary jax arrays/pytrees; the guides in
 :mod:`bayesgen.guides` register those with ``numpyro.param``.
@@ -42,7 +51,7 @@ from typing import ClassVar
 import jax.numpy as jnp
 from numpyro.distributions import Distribution, constraints
 
-DENSITY_KINDS = ("exact", "lower_bound", "unbiased_gradient")
+DENSITY_KINDS = ("exact", "lower_bound", "unbiased_gradient", "approximate")
 
 
 class Family(Distribution):

@@ -1,30 +1,15 @@
-"""Auto* guides: numpyro ``AutoContinuous`` guides whose posterior is a bayesgen family.
-
-A guide here is thin: it flattens the model's latent sites into one unconstrained vector
-(numpyro's ``AutoContinuous`` machinery), registers the family's parameters with
-``numpyro.param`` and returns the family from ``_get_posterior()``. Everything numpyro
-offers for autoguides works unchanged: ``SVI`` with ``Trace_ELBO``, ``Predictive``,
-``sample_posterior``, ``median``, ``quantiles``.
-
-Before the first step the guide finds the scale of each coordinate (a pathfinder-style
-search, :mod:`bayesgen.init`) and uses it as a fixed preconditioner, so that the defaults
-work on badly conditioned models. Pass ``init_scale=None`` to start from the unit scale at
-the model's initial point (numpyro's behaviour).
-"""
+"""Normalizing-flow guides (exact density): AutoFlow and one class per flow kind."""
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
-import jax.random as jr
 import numpyro
 from flowjax.experimental.numpyro import register_params
 from numpyro.distributions import constraints
-from numpyro.infer.autoguide import AutoContinuous
 from numpyro.infer.initialization import init_to_median
 
 from bayesgen.families.flows import FLOW_KINDS, FlowFamily, build_flow
-from bayesgen.init import find_preconditioner
+from bayesgen.guides.base import PreconditionedGuide
 
 _DEFAULT_LAYERS = {"realnvp": 8, "nsf": 6, "maf": 5, "bnaf": 1, "planar": 32, "radial": 32}
 
@@ -35,7 +20,7 @@ def _default_hidden(kind: str, dim: int) -> int:
     return int(min(256, max(32, 2 * dim)))
 
 
-class AutoFlow(AutoContinuous):
+class AutoFlow(PreconditionedGuide):
     """Normalizing-flow guide over all latent sites of a model (exact density).
 
     Parameters
@@ -89,11 +74,6 @@ class AutoFlow(AutoContinuous):
             )
         if affine == "none" and flow is None:
             raise ValueError("affine='none' with flow=None leaves nothing to fit; pick one")
-        if not (init_scale is None or init_scale == "pathfinder" or isinstance(init_scale, tuple | list)):
-            raise ValueError(
-                "init_scale must be 'pathfinder', None or a (loc, scale) pair, "
-                f"got {init_scale!r}"
-            )
         for name, val in (("num_layers", num_layers), ("hidden", hidden), ("depth", depth)):
             if val is not None and (not isinstance(val, int) or val < 1):
                 raise ValueError(f"{name} must be a positive int, got {val!r}")
@@ -102,63 +82,25 @@ class AutoFlow(AutoContinuous):
         self.hidden = hidden
         self.depth = depth if depth is not None else (1 if flow == "bnaf" else 2)
         self.affine = affine
-        self.init_scale = init_scale
-        self.init_steps = init_steps
-        self.init_options = dict(init_options or {})
         self.knots = knots
         self.interval = interval
-        self.seed = seed
-        self.preconditioner = None
         self._flow_template = None
-        super().__init__(model, prefix=prefix, init_loc_fn=init_loc_fn)
+        super().__init__(
+            model, init_scale=init_scale, init_steps=init_steps, init_options=init_options,
+            prefix=prefix, init_loc_fn=init_loc_fn, seed=seed,
+        )
 
     # --- set-up ---------------------------------------------------------------------------
     def _dense(self):
         return self.affine == "tril" or (self.affine == "auto" and self.latent_dim <= 256)
 
-    def _setup_prototype(self, *args, **kwargs):
-        super()._setup_prototype(*args, **kwargs)
-        key = numpyro.prng_key()
-        if key is None:
-            key = jr.key(self.seed)
-        k_flow, k_init = jr.split(key)
-        d = self.latent_dim
-        dense = self._dense()
-        if self.init_scale == "pathfinder":
-            unpack = self._unpack_latent
-            potential_fn = self._potential_fn
-
-            def potential(z):
-                return potential_fn(unpack(z))
-
-            with numpyro.handlers.block():  # keep the model's sites out of the guide's trace
-                pre = jax.jit(
-                    lambda x0, k: find_preconditioner(
-                        potential, x0, k, num_steps=self.init_steps, dense=dense,
-                        **self.init_options,
-                    )
-                )(self._init_latent, k_init)
-            loc, scale = pre.loc, pre.scale
-        elif self.init_scale is None:
-            loc = self._init_latent
-            scale = jnp.eye(d) if dense else jnp.ones(d)
-        else:
-            loc, scale = (jnp.asarray(a, dtype=jnp.result_type(float)) for a in self.init_scale)
-            if loc.shape != (d,) or scale.shape not in ((d,), (d, d)):
-                raise ValueError(
-                    f"init_scale=(loc, scale) must have shapes ({d},) and ({d},) or ({d}, {d}) "
-                    f"for this model's {d}-dimensional latent, got {loc.shape} and {scale.shape}"
-                )
-            if scale.ndim == 2 and not dense:
-                scale = jnp.sqrt(jnp.diagonal(scale @ scale.T))
-            elif scale.ndim == 1 and dense:
-                scale = jnp.diag(scale)
-        self.preconditioner = (loc, scale)
+    def _build(self, key):
         if self.flow is not None:
+            d = self.latent_dim
             hidden = self.hidden or _default_hidden(self.flow, d)
             # Built eagerly: flowjax modules close over arrays, so they cannot be built under jit.
             self._flow_template = build_flow(
-                self.flow, k_flow, d, num_layers=self.num_layers, hidden=hidden,
+                self.flow, key, d, num_layers=self.num_layers, hidden=hidden,
                 depth=self.depth, knots=self.knots, interval=self.interval,
             )
 
@@ -184,31 +126,10 @@ class AutoFlow(AutoContinuous):
         pre_loc, pre_scale = self.preconditioner
         return FlowFamily(bij, loc, scale, pre_loc, pre_scale)
 
-    def get_posterior(self, params):
-        """The fitted family (a :class:`~bayesgen.families.flows.FlowFamily`) at ``params``."""
-        return numpyro.handlers.substitute(self._get_posterior, params)()
-
-    def get_base_dist(self):
-        import numpyro.distributions as dist
-
-        return dist.Normal(jnp.zeros(self.latent_dim), 1.0).to_event(1)
-
-    def get_transform(self, params):
-        raise NotImplementedError(
-            f"{type(self).__name__} is not a numpyro TransformedDistribution; use "
-            "get_posterior(params).transform(eps) to map base draws"
-        )
-
     def median(self, params):
         """Constrained values at the image of the base distribution's median (eps = 0)."""
         latent = self.get_posterior(params).transform(jnp.zeros(self.latent_dim))
         return self._unpack_and_constrain(latent, params)
-
-    def quantiles(self, params, quantiles, num_samples: int = 4000, seed: int = 0):
-        """Per-site quantiles estimated from ``num_samples`` posterior draws (constrained)."""
-        samples = self.sample_posterior(jr.key(seed), params, sample_shape=(num_samples,))
-        q = jnp.asarray(quantiles)
-        return {k: jnp.quantile(v, q, axis=0) for k, v in samples.items()}
 
 
 class _FixedFlow(AutoFlow):

@@ -1,0 +1,101 @@
+"""flax nnx building blocks shared by the families, and their registration with numpyro.
+
+Networks are built eagerly (``nnx.Rngs`` needs concrete keys) and used functionally: the
+module is split once into a graph definition and a pure dict of parameters, the dict is
+registered with ``numpyro.param``, and each call merges the current values back into a fresh
+module. Nothing is mutated in place, so the guide stays a pure function of its params under
+``jit`` and ``vmap`` (numpyro's own ``nnx_module`` writes the traced values into the eager
+module).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpyro
+from flax import nnx
+
+
+class MLP(nnx.Module):
+    """Multi-layer perceptron ``R^din -> R^dout`` with ``depth`` hidden layers of ``width``."""
+
+    def __init__(
+        self,
+        din: int,
+        dout: int,
+        *,
+        width: int,
+        depth: int,
+        rngs: nnx.Rngs,
+        activation: Callable = jax.nn.gelu,
+    ):
+        sizes = [din] + [width] * depth + [dout]
+        self.layers = nnx.List(
+            [nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
+        )
+        self.activation = activation
+
+    def __call__(self, x):
+        for layer in self.layers[:-1]:
+            x = self.activation(layer(x))
+        return self.layers[-1](x)
+
+
+def split_params(module: nnx.Module):
+    """``(apply, params)``: a pure ``apply(params, *args)`` and the module's parameter dict."""
+    graphdef, state = nnx.split(module, nnx.Param)
+    params = nnx.to_pure_dict(state)
+
+    def apply(p, *args, **kwargs):
+        st = jax.tree.map(lambda a: a, state)
+        nnx.replace_by_pure_dict(st, p)
+        return nnx.merge(graphdef, st)(*args, **kwargs)
+
+    return apply, params
+
+
+def _stringify(tree):
+    # numpyro params and checkpoints want string keys; nnx lists index with ints
+    if isinstance(tree, dict):
+        return {str(k): _stringify(v) for k, v in tree.items()}
+    return tree
+
+
+def _restore_keys(tree, template):
+    if isinstance(template, dict):
+        return {k: _restore_keys(tree[str(k)], v) for k, v in template.items()}
+    return tree
+
+
+def nnx_param(name: str, module: nnx.Module):
+    """Register ``module``'s parameters as the numpyro param ``name``; return the applied net.
+
+    Call inside a guide or model; returns ``net(*args)`` that evaluates the module at the
+    current (possibly substituted or optimised) parameter values.
+    """
+    apply, params = split_params(module)
+    value = numpyro.param(name, _stringify(params))
+    current = _restore_keys(value, params)
+
+    def net(*args, **kwargs):
+        return apply(current, *args, **kwargs)
+
+    return net
+
+
+def rescale_output(module: MLP, key, din: int, target_sd, *, num_draws: int = 2048):
+    """Rescale the last layer so that ``module(eps)``, eps ~ N(0, I), has mean 0 and sd ``target_sd``.
+
+    A data-free, data-dependent initialisation (one forward pass on base draws) so that a
+    family starts close to the preconditioner's Gaussian whatever the network's width.
+    """
+    eps = jax.random.normal(key, (num_draws, din))
+    out = module(eps)
+    mean, sd = jnp.mean(out, 0), jnp.std(out, 0) + 1e-12
+    last = module.layers[-1]
+    factor = jnp.asarray(target_sd) / sd
+    last.kernel.value = last.kernel.value * factor
+    last.bias.value = (last.bias.value - mean) * factor
+    return module
