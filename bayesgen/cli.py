@@ -40,11 +40,18 @@ def bench_main(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steptime", action="store_true",
                    help="also time AutoMAF/AutoRealNVP against AutoIAFNormal at equal size")
+    p.add_argument("--options", type=json.loads, default={},
+                   help='guide keyword arguments per method, as JSON: '
+                        '\'{"ksivi": {"init_scale": [[0, 0], [5, 5]]}}\'')
     p.add_argument("--out", default="outputs/bench")
     a = p.parse_args(argv)
+    unknown = set(a.options) - set(a.methods)
+    if unknown:
+        p.error(f"--options names methods not in --methods: {', '.join(sorted(unknown))}")
     t0 = time.time()
     rows, _ = run_bench(a.targets, a.methods, steps=a.steps, num_particles=a.particles,
-                        learning_rate=a.lr, num_samples=a.samples, seed=a.seed)
+                        learning_rate=a.lr, num_samples=a.samples, seed=a.seed,
+                        guide_options=a.options)
     if a.steptime:
         rows += steptime_comparison(a.targets, seed=a.seed)
     command = "bayesgen bench " + " ".join(argv)

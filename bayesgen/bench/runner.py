@@ -35,13 +35,24 @@ from bayesgen.guides import AutoFlow
 from bayesgen.models.targets import get_target, modes_covered
 
 FLOW_METHODS = ("realnvp", "nsf", "maf", "bnaf", "planar", "radial")
-METHODS = FLOW_METHODS + tuple(NUMPYRO_GUIDES) + ("nuts",)
+IMPLICIT_METHODS = ("sivi", "uivi", "ksivi", "sivism", "livi")
+METHODS = FLOW_METHODS + IMPLICIT_METHODS + tuple(NUMPYRO_GUIDES) + ("nuts",)
+
+
+def _implicit_guide_class(method):
+    import bayesgen.guides as g
+
+    return {"sivi": "AutoSIVI", "uivi": "AutoUIVI", "ksivi": "AutoKSIVI",
+            "sivism": "AutoSIVISM", "livi": "AutoLIVI"}[method], g
 
 
 def make_guide(method: str, model, **options):
-    """The guide a method name stands for (bayesgen flows or numpyro peers)."""
+    """The guide a method name stands for (bayesgen flows, semi-implicit guides, numpyro peers)."""
     if method in FLOW_METHODS:
         return AutoFlow(model, flow=method, **options)
+    if method in IMPLICIT_METHODS:
+        name, module = _implicit_guide_class(method)
+        return getattr(module, name)(model, **options)
     if method in NUMPYRO_GUIDES:
         return NUMPYRO_GUIDES[method](model, **options)
     raise ValueError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
@@ -133,8 +144,11 @@ def run_method(target, method, *, steps, num_particles, learning_rate, num_sampl
 
 
 def run_bench(targets, methods, *, steps=10000, num_particles=8, learning_rate=2e-3,
-              num_samples=4000, seed=0, target_options=None, log=print):
-    """Run every method on every target; returns a list of result rows (dicts)."""
+              num_samples=4000, seed=0, target_options=None, guide_options=None, log=print):
+    """Run every method on every target; returns a list of result rows (dicts).
+
+    ``guide_options`` maps a method name to keyword arguments of its guide.
+    """
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r}; available: {', '.join(METHODS)}")
@@ -150,6 +164,7 @@ def run_bench(targets, methods, *, steps=10000, num_particles=8, learning_rate=2
             row, samples = run_method(
                 target, method, steps=steps, num_particles=num_particles,
                 learning_rate=learning_rate, num_samples=num_samples, seed=seed,
+                guide_options=(guide_options or {}).get(method),
             )
             row = {"target": tname, "method": method, **score(target, samples, reference), **row}
             t_rows.append(row)
@@ -164,14 +179,15 @@ def run_bench(targets, methods, *, steps=10000, num_particles=8, learning_rate=2
     return rows, all_samples
 
 
-def steptime_comparison(targets, *, num_layers=3, hidden=None, depth=2, num_particles=1,
-                        num_steps=2000, repeats=7, seed=0, log=print):
-    """Step time of AutoMAF and AutoRealNVP against AutoIAFNormal at equal depth and width.
+def steptime_comparison(targets, *, methods=("maf", "realnvp"), num_layers=3, hidden=None,
+                        depth=2, num_particles=1, num_steps=2000, repeats=7, seed=0, log=print):
+    """Step time of bayesgen guides against numpyro's AutoIAFNormal, measured in one run.
 
-    numpyro's AutoIAFNormal(num_flows=L, hidden_dims=[H] * depth) against bayesgen flows with
-    ``num_layers=L, hidden=H, depth=depth`` (H defaults to the latent dimension, numpyro's
-    default width), all with the same optimiser, measured in the same process: best of
-    ``repeats`` interleaved runs of ``num_steps`` compiled steps.
+    numpyro's AutoIAFNormal(num_flows=L, hidden_dims=[H] * depth) is the reference. Flow
+    methods get the same size (``num_layers=L, hidden=H, depth=depth``; H defaults to the
+    latent dimension, numpyro's default width); the semi-implicit and implicit guides run at
+    their defaults. All use the same optimiser and are timed as the best of ``repeats``
+    interleaved runs of ``num_steps`` compiled steps.
     """
     rows = []
     for tname in targets:
@@ -180,13 +196,18 @@ def steptime_comparison(targets, *, num_layers=3, hidden=None, depth=2, num_part
         guides = {
             "numpyro-iaf": NUMPYRO_GUIDES["numpyro-iaf"](target.model, num_flows=num_layers,
                                                          hidden_dims=[h] * depth),
-            "maf": AutoFlow(target.model, flow="maf", num_layers=num_layers, hidden=h, depth=depth),
-            "realnvp": AutoFlow(target.model, flow="realnvp", num_layers=num_layers, hidden=h,
-                                depth=depth),
         }
+        for m in methods:
+            if m in FLOW_METHODS:
+                guides[m] = AutoFlow(target.model, flow=m, num_layers=num_layers, hidden=h,
+                                     depth=depth)
+            else:
+                guides[m] = make_guide(m, target.model)
         runs = {}
         for name, guide in guides.items():
-            svi = SVI(target.model, guide, numpyro.optim.Adam(1e-3), Trace_ELBO(num_particles))
+            make_loss = getattr(guide, "default_loss", None)
+            loss = make_loss(num_particles) if callable(make_loss) else Trace_ELBO(num_particles)
+            svi = SVI(target.model, guide, numpyro.optim.Adam(1e-3), loss)
             state = svi.init(jr.key(seed), *target.args, **dict(target.kwargs))
             run = _compiled_runner(svi, target.args, dict(target.kwargs), num_steps)
             jax.block_until_ready(run(state))  # compile
@@ -198,8 +219,11 @@ def steptime_comparison(targets, *, num_layers=3, hidden=None, depth=2, num_part
                 best[name] = min(best[name], _time_once(run, state))
         times = {name: 1e3 * t / num_steps for name, t in best.items()}
         for name, t in times.items():
-            rows.append({"target": tname, "method": name, "layers": num_layers, "hidden": h,
-                         "depth": depth, "step_ms": t, "vs_iaf": t / times["numpyro-iaf"]})
+            sized = name in FLOW_METHODS or name == "numpyro-iaf"
+            rows.append({"target": tname, "method": name,
+                         "layers": num_layers if sized else "default",
+                         "hidden": h if sized else "default", "depth": depth if sized else "default",
+                         "step_ms": t, "vs_iaf": t / times["numpyro-iaf"]})
             log(f"[steptime] {tname} {name}: {t:.3f} ms ({t / times['numpyro-iaf']:.2f}x IAF)")
     return rows
 
