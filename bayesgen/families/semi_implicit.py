@@ -84,13 +84,15 @@ def mixture_log_density(
 ):
     """``log (1/(K+1)) [q(w | eps0) + sum_k q(w | eps_k)]`` with ``eps_k ~ N(0, I)``, K = num_mixing.
 
-    ``log_conditional(w, eps)`` returns log q(w | eps) for one ``w`` (d,) and a batch of
-    ``eps`` (n, m) -> (n,). The K fresh draws are processed in chunks with a running
-    logsumexp, so memory is O(chunk_size * d) whatever K. One ``w`` (vmap for batches).
+    ``w`` (..., d) and ``eps0`` (..., m) are draws and their generating noise; the K fresh
+    draws are shared by every ``w`` in the batch (each ``w``'s estimate stays valid: the
+    fresh draws are independent of it) and processed in chunks with a running logsumexp,
+    so memory is O(batch * chunk_size) whatever K. ``log_conditional(w, eps)`` returns
+    log q(w | eps) for ``w`` (..., 1, d) and ``eps`` (..., n, m) as (..., n).
     """
     if num_mixing < 0:
         raise ValueError(f"num_mixing must be >= 0, got {num_mixing}")
-    own = log_conditional(w, eps0[None])[0]
+    own = log_conditional(w[..., None, :], eps0[..., None, :])[..., 0]
     if num_mixing == 0:
         return own
     chunk = min(chunk_size, num_mixing)
@@ -101,9 +103,9 @@ def mixture_log_density(
     def body(acc, inputs):
         k, ids = inputs
         eps = jr.normal(k, (chunk, noise_dim))
-        lp = log_conditional(w, eps)
+        lp = log_conditional(w[..., None, :], eps)  # (..., chunk)
         lp = jnp.where(ids < num_mixing, lp, -jnp.inf)  # drop the padding of the last chunk
-        return jnp.logaddexp(acc, jax.nn.logsumexp(lp)), None
+        return jnp.logaddexp(acc, jax.nn.logsumexp(lp, axis=-1)), None
 
     acc, _ = jax.lax.scan(body, own, (keys, idx))
     return acc - math.log(num_mixing + 1)
@@ -173,7 +175,7 @@ class SemiImplicit(Family):
 
     # --- the conditional ----------------------------------------------------------------------
     def log_conditional(self, w, eps):
-        """log q(w | eps) in whitened coordinates for one ``w`` and a batch of ``eps``."""
+        """log q(w | eps) in whitened coordinates (``w`` (..., d) broadcast against ``eps`` (..., m))."""
         mu, sigma = self.conditional(eps)
         return gaussian_logpdf(w, mu, sigma)
 
@@ -198,15 +200,9 @@ class SemiImplicit(Family):
 
     # --- sampling and the surrogate -------------------------------------------------------------
     def _sivi_log_density(self, key, w, eps0, num_mixing):
-        flat_w = w.reshape((-1, self.latent_dim))
-        flat_e = eps0.reshape((-1, self.noise_dim))
-        keys = jr.split(key, flat_w.shape[0])
-        out = jax.vmap(
-            lambda k, wi, ei: mixture_log_density(
-                k, wi, self.log_conditional, ei, self.noise_dim, num_mixing
-            )
-        )(keys, flat_w, flat_e)
-        return out.reshape(w.shape[:-1]) - self._log_det_precond()
+        # one set of K fresh draws for the whole batch (as in the authors' code)
+        out = mixture_log_density(key, w, self.log_conditional, eps0, self.noise_dim, num_mixing)
+        return out - self._log_det_precond()
 
     def sample_with_intermediates(self, key, sample_shape=()):
         k_draw, k_mix = jr.split(key)
@@ -232,8 +228,16 @@ class SemiImplicit(Family):
         any K (module docstring); larger K brings the extended proposal closer to q(z).
         """
         check_latent(value, self.latent_dim)
+        w = self.to_whitened(value)
         eps0 = intermediates[1]
-        return self._sivi_log_density(key, self.to_whitened(value), eps0, num_mixing)
+        # fresh draws independent across z (a shared set would correlate the weights)
+        flat_w = w.reshape((-1, self.latent_dim))
+        flat_e = eps0.reshape((-1, self.noise_dim))
+        keys = jr.split(key, flat_w.shape[0])
+        out = jax.vmap(lambda k, wi, ei: self._sivi_log_density(k, wi, ei, num_mixing))(
+            keys, flat_w, flat_e
+        )
+        return out.reshape(w.shape[:-1])
 
 
 class UnbiasedSemiImplicit(SemiImplicit):

@@ -34,8 +34,10 @@ class AutoSIVI(PreconditionedGuide):
     model : numpyro model with continuous, global latent sites.
     noise_dim : m, dimension of the mixing noise (default ``clip(d, 10, 64)``).
     hidden, depth : mixing-network width (default ``clip(2 d, 64, 256)``) and hidden layers (2).
-    num_mixing : K fresh mixing draws in the surrogate (default 100; the bound tightens as K
-        grows, at K+1 network passes per particle).
+    num_mixing : K fresh mixing draws in the surrogate (default ``clip(16000 // d, 100,
+        1000)``: 1000 up to 16 latent dimensions, 100 from 160 on). The bound tightens as K
+        grows, at K+1 network passes per particle; on funnel-10 K = 1000 reached sd(v) 2.56
+        where K = 100 reached 2.40 (docs/benchmarks.md).
     conditional_scale : ``"mixing"`` (sigma is an output of the mixing network, default:
         needed where the posterior's scale varies, e.g. funnels) or ``"global"`` (one
         learned vector, as in the paper's toy scripts).
@@ -53,7 +55,7 @@ class AutoSIVI(PreconditionedGuide):
         noise_dim: int | None = None,
         hidden: int | None = None,
         depth: int = 2,
-        num_mixing: int = 100,
+        num_mixing: int | None = None,
         conditional_scale: str = "mixing",
         min_scale: float = 1e-4,
         init_scale="pathfinder",
@@ -68,8 +70,8 @@ class AutoSIVI(PreconditionedGuide):
                 raise ValueError(f"{name} must be a positive int, got {val!r}")
         if not isinstance(depth, int) or depth < 0:
             raise ValueError(f"depth must be an int >= 0, got {depth!r}")
-        if not isinstance(num_mixing, int) or num_mixing < 0:
-            raise ValueError(f"num_mixing must be an int >= 0, got {num_mixing!r}")
+        if num_mixing is not None and (not isinstance(num_mixing, int) or num_mixing < 0):
+            raise ValueError(f"num_mixing must be an int >= 0 or None, got {num_mixing!r}")
         if conditional_scale not in ("mixing", "global"):
             raise ValueError(
                 f"conditional_scale must be 'mixing' or 'global', got {conditional_scale!r}"
@@ -125,8 +127,13 @@ class AutoSIVI(PreconditionedGuide):
 
         return conditional
 
+    def _num_mixing(self):
+        if self.num_mixing is not None:
+            return self.num_mixing
+        return int(min(1000, max(100, 16000 // self.latent_dim)))
+
     def _family_kwargs(self):
-        return {"num_mixing": self.num_mixing}
+        return {"num_mixing": self._num_mixing()}
 
     # --- the family -------------------------------------------------------------------------
     def _get_posterior(self):
@@ -175,4 +182,4 @@ class AutoUIVI(AutoSIVI):
         super().__init__(model, num_mixing=num_mixing, **kwargs)
 
     def _family_kwargs(self):
-        return {"num_mixing": self.num_mixing, **self.hmc_options}
+        return {"num_mixing": self._num_mixing(), **self.hmc_options}

@@ -69,6 +69,13 @@ def test_mixture_log_density_matches_direct_sum():
         jnp.concatenate([fam.log_conditional(w, eps0[None]), fam.log_conditional(w, eps)])
     ) - jnp.log(51.0)
     np.testing.assert_allclose(got, direct, rtol=1e-5)
+    # a batch of w shares the fresh draws: each entry equals its own single-w value
+    w2 = jnp.stack([w, w + 1.0])
+    e2 = jnp.stack([eps0, -eps0])
+    batch = mixture_log_density(key, w2, fam.log_conditional, e2, M, 50, chunk_size=16)
+    single = [mixture_log_density(key, w2[i], fam.log_conditional, e2[i], M, 50, chunk_size=16)
+              for i in range(2)]
+    np.testing.assert_allclose(batch, np.array(single), rtol=1e-5)
 
 
 def test_sivi_surrogate_is_above_log_q_and_tightens_with_k():
