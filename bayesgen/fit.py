@@ -548,7 +548,14 @@ def _diagnose_nonfinite(svi, state, args, kwargs) -> tuple[list[str], list[str],
     bad_params += [n for n, v in unconstrained.items() if _nonfinite(v) and n not in bad_params]
 
     def loss_of(p):
-        return svi.loss.loss(rng_key_step, svi.constrain_fn(p), svi.model, svi.guide, *args, **kwargs)
+        cp = svi.constrain_fn(p)
+        if state.mutable_state:  # e.g. SIVI-SM's critic: as SVI.update passes it
+            cp = {**cp, **jax.lax.stop_gradient(state.mutable_state)}
+            out = svi.loss.loss_with_mutable_state(
+                rng_key_step, cp, svi.model, svi.guide, *args, **kwargs
+            )
+            return out["loss"]
+        return svi.loss.loss(rng_key_step, cp, svi.model, svi.guide, *args, **kwargs)
 
     try:
         with validation_enabled(False):

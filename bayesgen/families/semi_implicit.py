@@ -199,6 +199,11 @@ class SemiImplicit(Family):
         return self.to_latent(w), w, -u / sigma, eps
 
     # --- sampling and the surrogate -------------------------------------------------------------
+    def sample(self, key, sample_shape=()):
+        """Draws only (no surrogate): what ``sample_posterior`` and ``Predictive`` need."""
+        eps, mu, sigma, u = self._draw(key, sample_shape)
+        return self.to_latent(mu + sigma * u)
+
     def _sivi_log_density(self, key, w, eps0, num_mixing):
         # one set of K fresh draws for the whole batch (as in the authors' code)
         out = mixture_log_density(key, w, self.log_conditional, eps0, self.noise_dim, num_mixing)

@@ -56,16 +56,17 @@ def split_params(module: nnx.Module):
     return apply, params
 
 
-def _stringify(tree):
-    # numpyro params and checkpoints want string keys; nnx lists index with ints
+def stringify_keys(tree):
+    """Nested dict with every key a string (numpyro params and checkpoints; nnx lists use ints)."""
     if isinstance(tree, dict):
-        return {str(k): _stringify(v) for k, v in tree.items()}
+        return {str(k): stringify_keys(v) for k, v in tree.items()}
     return tree
 
 
-def _restore_keys(tree, template):
+def restore_keys(tree, template):
+    """Undo :func:`stringify_keys`, taking the original keys from ``template``."""
     if isinstance(template, dict):
-        return {k: _restore_keys(tree[str(k)], v) for k, v in template.items()}
+        return {k: restore_keys(tree[str(k)], v) for k, v in template.items()}
     return tree
 
 
@@ -76,8 +77,8 @@ def nnx_param(name: str, module: nnx.Module):
     current (possibly substituted or optimised) parameter values.
     """
     apply, params = split_params(module)
-    value = numpyro.param(name, _stringify(params))
-    current = _restore_keys(value, params)
+    value = numpyro.param(name, stringify_keys(params))
+    current = restore_keys(value, params)
 
     def net(*args, **kwargs):
         return apply(current, *args, **kwargs)
