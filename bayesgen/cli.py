@@ -84,10 +84,30 @@ def memory_main(argv):
     run_memory_benchmark(a.flow, steps=a.steps, num_draws=a.draws)
 
 
+def livi_main(argv):
+    from bayesgen.bench.livi import livi_bnn_benchmark
+
+    p = argparse.ArgumentParser(
+        prog="bayesgen bench-livi",
+        description="AutoLIVI against numpyro AutoNormal on a wide BNN: step time, memory, metrics.",
+    )
+    p.add_argument("--hidden", type=lambda t: tuple(int(h) for h in _csv(t)), default=(1000, 1000),
+                   help="hidden widths, e.g. 1000,1000 (~1M weights) or 4128,4128 (~17M)")
+    p.add_argument("--dataset", default="kin8nm", help="a UCI set name or 'synthetic'")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--particles", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    livi_bnn_benchmark(hidden=a.hidden, dataset=a.dataset, steps=a.steps, batch_size=a.batch,
+                       num_particles=a.particles, seed=a.seed)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: bayesgen {bench,bench-memory,demo} [options]   (bayesgen CMD --help for options)")
+        print("usage: bayesgen {bench,bench-memory,bench-livi,demo} [options]   "
+              "(bayesgen CMD --help for options)")
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
     if cmd == "bench":
@@ -96,8 +116,11 @@ def main(argv=None):
         demo_main(rest)
     elif cmd == "bench-memory":
         memory_main(rest)
+    elif cmd == "bench-livi":
+        livi_main(rest)
     else:
-        print(f"bayesgen: unknown command {cmd!r}; use 'bench', 'bench-memory' or 'demo'", file=sys.stderr)
+        print(f"bayesgen: unknown command {cmd!r}; use 'bench', 'bench-memory', 'bench-livi' "
+              "or 'demo'", file=sys.stderr)
         return 2
     return 0
 

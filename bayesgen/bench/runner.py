@@ -132,7 +132,9 @@ def run_method(target, method, *, steps, num_particles, learning_rate, num_sampl
                  num_particles=num_particles, progress_bar=False, seed=seed, **dict(target.kwargs))
     samples = {k: np.asarray(v) for k, v in result.sample(jr.fold_in(key, 1), num_samples).items()}
     tail = result.losses[-max(1, steps // 10):]
-    row = {"wall_s": result.wall_time, "elbo": float(-np.mean(tail))}
+    row = {"wall_s": result.wall_time}
+    if not callable(getattr(guide, "default_loss", None)):  # score-based losses are no ELBO
+        row["elbo"] = float(-np.mean(tail))
     try:
         row["khat"] = diagnose(result, num_samples=2000, key=jr.fold_in(key, 2)).khat
     except SurrogateDensityError:

@@ -1,8 +1,9 @@
 """Auto* guides: numpyro ``AutoContinuous`` guides whose posterior is a bayesgen family.
 
 One module per family kind: :mod:`~bayesgen.guides.flows` (exact density),
-:mod:`~bayesgen.guides.semi_implicit` (SIVI, UIVI, kernel SIVI, SIVI-SM),
-:mod:`~bayesgen.guides.implicit` (LIVI). Shared set-up (the fixed preconditioner, the
+:mod:`~bayesgen.guides.semi_implicit` (SIVI, UIVI), :mod:`~bayesgen.guides.score_based`
+(kernel SIVI, SIVI-SM: the same family with score-based losses from
+:mod:`bayesgen.objectives`), :mod:`~bayesgen.guides.implicit` (LIVI). Shared set-up (the fixed preconditioner, the
 model's log-density on the flat latent) is in :mod:`~bayesgen.guides.base`.
 """
 
@@ -16,17 +17,22 @@ from bayesgen.guides.flows import (
     AutoRadialFlow,
     AutoRealNVP,
 )
+from bayesgen.guides.implicit import AutoLIVI
+from bayesgen.guides.score_based import AutoKSIVI, AutoSIVISM
 from bayesgen.guides.semi_implicit import AutoSIVI, AutoUIVI
 
 __all__ = [
     "AutoBNAF",
     "AutoFlow",
+    "AutoKSIVI",
+    "AutoLIVI",
     "AutoMAF",
     "AutoNeuralSpline",
     "AutoPlanarFlow",
     "AutoRadialFlow",
     "AutoRealNVP",
     "AutoSIVI",
+    "AutoSIVISM",
     "AutoUIVI",
     "PreconditionedGuide",
 ]
