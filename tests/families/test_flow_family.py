@@ -221,8 +221,8 @@ def test_pathwise_gradient_of_carried_density_equals_inverse_path(kind):
 def test_family_subclass_with_unknown_density_kind_is_rejected():
     with pytest.raises(TypeError, match="density must be one of"):
 
-        class Approximate(Family):  # noqa: F841
-            density = "approximate"
+        class Plugin(Family):  # noqa: F841
+            density = "plugin"
 
     class Surrogate(Family):  # a declared kind is accepted
         density = "lower_bound"
