@@ -48,6 +48,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import jax
 import jax.numpy as jnp
 from numpyro.distributions import Distribution, constraints
 
@@ -98,6 +99,38 @@ class Family(Distribution):
         raise NotImplementedError(
             f"{type(self).__name__} is not a pytree; build it inside the guide instead"
         )
+
+
+class WhitenedCoordinates:
+    """Mixin for families that work in a fixed preconditioner's coordinates, ``z = m0 + L0 w``.
+
+    The family sets ``precond_loc`` (m0, (d,)) and ``precond_scale`` (L0: a (d,) vector or a
+    (d, d) lower triangular matrix).
+    """
+
+    def to_latent(self, w):
+        """``z = m0 + L0 w``."""
+        if self.precond_scale.ndim == 1:
+            return self.precond_loc + self.precond_scale * w
+        return self.precond_loc + w @ self.precond_scale.T
+
+    def to_whitened(self, z):
+        """``w = L0^{-1} (z - m0)``."""
+        if self.precond_scale.ndim == 1:
+            return (z - self.precond_loc) / self.precond_scale
+        r = (z - self.precond_loc).T
+        return jax.scipy.linalg.solve_triangular(self.precond_scale, r, lower=True).T
+
+    def whiten_score(self, score_z):
+        """Score in z coordinates -> score in w coordinates (``L0^T s``)."""
+        if self.precond_scale.ndim == 1:
+            return score_z * self.precond_scale
+        return score_z @ self.precond_scale
+
+    def _log_det_precond(self):
+        scale = self.precond_scale
+        diag = scale if scale.ndim == 1 else jnp.diagonal(scale)
+        return jnp.sum(jnp.log(jnp.abs(diag)))
 
 
 def check_latent(value, latent_dim: int, name: str = "value"):

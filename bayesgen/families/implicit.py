@@ -91,7 +91,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from flax import nnx
 
-from bayesgen.families.base import Family, check_latent
+from bayesgen.families.base import Family, WhitenedCoordinates, check_latent
 from bayesgen.families.semi_implicit import mixture_log_density
 from bayesgen.nn import MLP
 
@@ -317,7 +317,7 @@ def resolve_entropy_method(entropy: str, latent_dim: int, noise_dim: int) -> str
 # --------------------------------------------------------------------------- the family
 
 
-class LinearisedImplicit(Family):
+class LinearisedImplicit(WhitenedCoordinates, Family):
     """LIVI's family: ``z = m0 + L0 (g(eps) + sigma xi)`` with the linearised surrogate density.
 
     Parameters
@@ -394,25 +394,6 @@ class LinearisedImplicit(Family):
                 f"got {jnp.shape(precond_scale)}"
             )
         super().__init__(latent_dim, validate_args=validate_args)
-
-    # --- coordinates --------------------------------------------------------------------------
-    def to_latent(self, w):
-        """``z = m0 + L0 w``."""
-        if self.precond_scale.ndim == 1:
-            return self.precond_loc + self.precond_scale * w
-        return self.precond_loc + w @ self.precond_scale.T
-
-    def to_whitened(self, z):
-        """``w = L0^{-1} (z - m0)``."""
-        if self.precond_scale.ndim == 1:
-            return (z - self.precond_loc) / self.precond_scale
-        r = (z - self.precond_loc).T
-        return jax.scipy.linalg.solve_triangular(self.precond_scale, r, lower=True).T
-
-    def _log_det_precond(self):
-        scale = self.precond_scale
-        diag = scale if scale.ndim == 1 else jnp.diagonal(scale)
-        return jnp.sum(jnp.log(jnp.abs(diag)))
 
     # --- the surrogate ------------------------------------------------------------------------
     def _draw_one(self, eps, xi, key):

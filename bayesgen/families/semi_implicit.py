@@ -61,7 +61,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 
-from bayesgen.families.base import Family, check_latent
+from bayesgen.families.base import Family, WhitenedCoordinates, check_latent
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -111,7 +111,7 @@ def mixture_log_density(
     return acc - math.log(num_mixing + 1)
 
 
-class SemiImplicit(Family):
+class SemiImplicit(WhitenedCoordinates, Family):
     """Semi-implicit family with the SIVI lower-bound surrogate (see module docstring).
 
     Parameters
@@ -146,32 +146,6 @@ class SemiImplicit(Family):
         self.precond_loc = jax.lax.stop_gradient(precond_loc)
         self.precond_scale = jax.lax.stop_gradient(precond_scale)
         super().__init__(jnp.shape(precond_loc)[-1], validate_args=validate_args)
-
-    # --- coordinates --------------------------------------------------------------------------
-    def to_latent(self, w):
-        """``z = m0 + L0 w``."""
-        if self.precond_scale.ndim == 1:
-            return self.precond_loc + self.precond_scale * w
-        return self.precond_loc + w @ self.precond_scale.T
-
-    def to_whitened(self, z):
-        """``w = L0^{-1} (z - m0)``."""
-        if self.precond_scale.ndim == 1:
-            return (z - self.precond_loc) / self.precond_scale
-        r = (z - self.precond_loc).T
-        return jax.scipy.linalg.solve_triangular(self.precond_scale, r, lower=True).T
-
-    def _log_det_precond(self):
-        diag = self.precond_scale if self.precond_scale.ndim == 1 else jnp.diagonal(
-            self.precond_scale
-        )
-        return jnp.sum(jnp.log(jnp.abs(diag)))
-
-    def whiten_score(self, score_z):
-        """Score in z coordinates -> score in w coordinates (``L0^T s``)."""
-        if self.precond_scale.ndim == 1:
-            return score_z * self.precond_scale
-        return score_z @ self.precond_scale
 
     # --- the conditional ----------------------------------------------------------------------
     def log_conditional(self, w, eps):
