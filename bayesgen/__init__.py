@@ -3,9 +3,12 @@
 Every variational family is a numpyro distribution over the flat unconstrained latent
 (:mod:`bayesgen.families`); guides (:mod:`bayesgen.guides`) wrap them for a model;
 :func:`fit` runs SVI with checkpoints and clear errors; :func:`diagnose` reports PSIS
-k-hat and an importance-weighted evidence estimate.
+k-hat and an importance-weighted evidence estimate; :func:`mcmc.run` samples the same
+model with blackjax kernels, and :func:`compare` puts VI and MCMC results side by side.
 """
 
+from bayesgen import mcmc
+from bayesgen.diagnostics.compare import Comparison, compare
 from bayesgen.diagnostics.psis import Diagnosis, SurrogateDensityError, diagnose
 from bayesgen.errors import ModelStructureError, NonFiniteLossError
 from bayesgen.families.base import Family
@@ -42,6 +45,7 @@ __all__ = [
     "AutoSIVI",
     "AutoSIVISM",
     "AutoUIVI",
+    "Comparison",
     "Diagnosis",
     "EarlyStop",
     "Family",
@@ -52,6 +56,8 @@ __all__ = [
     "NonFiniteLossError",
     "ScoreMatchingLoss",
     "SurrogateDensityError",
+    "compare",
     "diagnose",
     "fit",
+    "mcmc",
 ]

@@ -182,7 +182,7 @@ def diagnose(result, *, num_samples: int = 4000, key=None, num_mixing: int = 100
 
     if not isinstance(num_samples, int) or num_samples < 100:
         raise ValueError(f"num_samples must be an int >= 100, got {num_samples!r}")
-    key = jr.key(0) if key is None else key
+    key = jr.key(0) if key is None else (jr.key(key) if isinstance(key, int) else key)
     model, guide, params = result.model, result.guide, result.params
     args, kwargs = tuple(result.args), dict(result.kwargs or {})
     k_check, k_draw = jr.split(key)

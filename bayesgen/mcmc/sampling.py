@@ -26,10 +26,9 @@ Kernels by name (options through ``kernel_options``):
 * A callable ``logdensity_fn -> blackjax.SamplingAlgorithm`` (e.g.
   ``lambda ld: blackjax.rmh(ld, ...)``): run as given, without adaptation.
 
-Chains run vectorised (``jax.vmap``) in one compiled program; with several devices the
-chains are split across them (``jax.sharding``), and ``chain_method="sequential"`` runs
-them one after another inside the program (no lock-step: useful for NUTS, whose vmapped
-trees wait for the longest chain).
+Chains run in one compiled program, vectorised (``jax.vmap``; with several devices split
+across them with ``jax.sharding``) or, for NUTS and HMC on one device by default, one after
+another (``jax.lax.map``: no lock-step, where vmapped trajectories wait for the longest).
 
 References
 ----------
@@ -471,7 +470,7 @@ def run(
     seed: int | jax.Array = 0,
     progress_bar: bool = True,
     kernel_options: Mapping[str, Any] | None = None,
-    chain_method: str = "vectorized",
+    chain_method: str | None = None,
     init_strategy=None,
     **kwargs,
 ) -> MCMCResult:
@@ -504,7 +503,10 @@ def run(
         (required), ``temperature``, ``thin``, ``alpha``, ``beta``, ``num_cycles``,
         ``exploration``, ``eta`` (SG kernels; ``eta`` for entropy_sgld, which also takes
         ``num_cycles`` for a cyclical schedule).
-    chain_method : ``"vectorized"`` (default) or ``"sequential"``.
+    chain_method : ``"vectorized"`` or ``"sequential"``. Default: vectorised with several
+        devices (chains sharded across them) and for the fixed-cost kernels; sequential
+        for NUTS and HMC on one device, where vmapped trajectories wait for the longest
+        chain (measured: 1.9-3.2x the ESS/s of the vectorised run, docs/benchmarks.md).
     init_strategy : numpyro init strategy (default ``init_to_uniform``).
 
     Returns
@@ -531,6 +533,9 @@ def run(
                             ("num_samples", num_samples, 1)):
         if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < low:
             raise ValueError(f"{arg} must be an int >= {low}, got {value!r}")
+    if chain_method is None:
+        sequential = name in ("nuts", "hmc") and len(jax.devices()) == 1
+        chain_method = "sequential" if sequential else "vectorized"
     if chain_method not in ("vectorized", "sequential"):
         raise ValueError(f"chain_method must be 'vectorized' or 'sequential', got {chain_method!r}")
     opts = _options(name, kernel_options) if name != "custom" else {}
