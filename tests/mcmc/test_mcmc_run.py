@@ -223,3 +223,34 @@ def test_errors_name_the_problem():
         bm.run(gaussian_model, "nuts", batch_size=10)
     with pytest.raises(TypeError, match="not a built SamplingAlgorithm"):
         bm.run(gaussian_model, blackjax.mala(lambda z: -jnp.sum(z**2), 0.1))
+
+
+_DEVICES_SCRIPT = """
+import jax, numpy as np, numpyro, numpyro.distributions as dist
+assert len(jax.devices()) == 2, jax.devices()
+import bayesgen.mcmc as bm
+from bayesgen.mcmc.sampling import _shard_chains
+
+def model():
+    numpyro.sample("z", dist.Normal(np.zeros(3), np.array([1.0, 2.0, 0.5])).to_event(1))
+
+assert len(_shard_chains(jax.numpy.zeros((4, 3))).sharding.device_set) == 2
+vec = bm.run(model, "nuts", num_chains=4, num_warmup=100, num_samples=100, progress_bar=False)
+seq = bm.run(model, "nuts", num_chains=4, num_warmup=100, num_samples=100, progress_bar=False,
+             chain_method="sequential")
+np.testing.assert_allclose(vec.positions, seq.positions, rtol=1e-4, atol=1e-4)
+print("OK")
+"""
+
+
+def test_chains_are_spread_across_devices():
+    """With two (virtual CPU) devices the chains are sharded and give the same draws."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", _DEVICES_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
