@@ -20,10 +20,16 @@ STEPS, LR, PARTICLES = 2000, 5e-3, 8
 NUM_DRAWS = 20_000  # Monte Carlo error of the mean 0.007 sd, of the sd 0.5%
 
 
-@pytest.mark.parametrize("guide_cls", [AutoSIVI, AutoUIVI], ids=lambda c: c.__name__)
-def test_semi_implicit_guide_fits_conjugate_gaussian(guide_cls):
-    # K = 100 instead of AutoSIVI's default 1000 at d = 5: ten times cheaper, and enough here
-    guide = guide_cls(model, num_mixing=100 if guide_cls is AutoSIVI else 32)
+@pytest.mark.parametrize(
+    "guide_cls, options",
+    [(AutoSIVI, {"num_mixing": 100}), (AutoUIVI, {"num_mixing": 32}),
+     (AutoSIVI, {"num_mixing": 20, "reverse_model": True})],
+    ids=["AutoSIVI", "AutoUIVI", "AutoSIVI-reverse"],
+)
+def test_semi_implicit_guide_fits_conjugate_gaussian(guide_cls, options):
+    # K = 100 instead of AutoSIVI's default 1000 at d = 5: ten times cheaper, and enough here;
+    # with the reverse model (IWHVI) K = 20
+    guide = guide_cls(model, **options)
     optim = optax.adam(optax.cosine_decay_schedule(LR, STEPS, alpha=0.01))
     svi = SVI(model, guide, optim, Trace_ELBO(num_particles=PARTICLES))
     result = svi.run(jr.key(0), STEPS, Y, progress_bar=False)
@@ -69,3 +75,7 @@ def test_bad_arguments_name_themselves():
         AutoSIVI(model, noise_dim=0)
     with pytest.raises(ValueError, match="num_leapfrog"):
         AutoUIVI(model, num_leapfrog=0)
+    with pytest.raises(ValueError, match="reverse_model"):
+        AutoSIVI(model, reverse_model="yes")
+    with pytest.raises(ValueError, match="reverse_model does not apply"):
+        AutoUIVI(model, reverse_model=True)

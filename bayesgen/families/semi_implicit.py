@@ -17,6 +17,19 @@ network"); ``sigma`` may also be a global vector. Two surrogates of log q are pr
     Leaving ``eps_0`` out turns it into an upper bound that the optimiser exploits by
     shrinking sigma, so it is always in.
 
+    With a *reverse model* ``tau(eps | w)`` (a Gaussian from a network of ``w``) the fresh
+    draws come from tau instead of the prior and are importance-weighted (IWHVI; Sobolev &
+    Vetrov, 2019):
+
+        log q_K(w) = log (1/(K+1)) sum_{k=0..K} N(w; mu(eps_k), sigma(eps_k)^2) p(eps_k) / tau(eps_k | w),
+
+    ``eps_0`` the generating draw, ``eps_1..K ~ tau(. | w)``. For every tau this is still an
+    upper bound on log q(w) in expectation (so the surrogate ELBO stays a lower bound), tau
+    = prior gives SIVI back, and tau is trained on the same objective, which tightens the
+    bound: in the tails of q, where fresh prior draws rarely land near a noise that
+    generates ``w``, SIVI's estimate is dominated by the generating term and over-states
+    log q (its finite-K bias under-disperses q); tau proposes where that noise is.
+
 ``UnbiasedSemiImplicit`` (``density = "unbiased_gradient"``, UIVI)
     The gradient of E[log q(z)] is E[score_q(z) . dz/dtheta] (the score-function term has
     mean zero), and the marginal score is a posterior mean over the noise,
@@ -46,7 +59,8 @@ References
 ----------
 Yin & Zhou, "Semi-implicit variational inference", ICML 2018.
 Titsias & Ruiz, "Unbiased implicit variational inference", AISTATS 2019.
-Sobolev & Vetrov, "Importance weighted hierarchical variational inference", NeurIPS 2019.
+Sobolev & Vetrov, "Importance weighted hierarchical variational inference", NeurIPS 2019
+(the reverse model).
 Molchanov, Kharitonov, Sobolev & Vetrov, "Doubly semi-implicit variational inference",
 AISTATS 2019.
 """
@@ -111,6 +125,53 @@ def mixture_log_density(
     return acc - math.log(num_mixing + 1)
 
 
+def reverse_mixture_log_density(
+    key,
+    w,
+    log_conditional: Callable,
+    eps0,
+    reverse: Callable,
+    num_mixing: int,
+    *,
+    chunk_size: int = 256,
+):
+    """IWHVI's ``log (1/(K+1)) sum_k q(w | eps_k) p(eps_k) / tau(eps_k | w)`` (module docstring).
+
+    ``eps_0 = eps0`` (the generating noise), ``eps_1..K ~ tau(. | w)``, drawn for each ``w``
+    separately (tau depends on it) and reparameterised. ``reverse(w) -> (loc, scale)``,
+    each (..., m), is the Gaussian reverse model; ``log_conditional`` as in
+    :func:`mixture_log_density`. Chunked with a running logsumexp.
+    """
+    if num_mixing < 0:
+        raise ValueError(f"num_mixing must be >= 0, got {num_mixing}")
+    loc, scale = reverse(w)  # (..., m)
+    m = loc.shape[-1]
+
+    def log_weight(eps):  # eps (..., n, m) -> log p(eps) - log tau(eps | w), (..., n)
+        prior = -0.5 * jnp.sum(eps * eps + _LOG_2PI, axis=-1)
+        return prior - gaussian_logpdf(eps, loc[..., None, :], scale[..., None, :])
+
+    e0 = eps0[..., None, :]
+    own = (log_conditional(w[..., None, :], e0) + log_weight(e0))[..., 0]
+    if num_mixing == 0:
+        return own
+    chunk = min(chunk_size, num_mixing)
+    num_chunks = -(-num_mixing // chunk)
+    keys = jr.split(key, num_chunks)
+    idx = jnp.arange(num_chunks * chunk).reshape(num_chunks, chunk)
+
+    def body(acc, inputs):
+        k, ids = inputs
+        xi = jr.normal(k, loc.shape[:-1] + (chunk, m))
+        eps = loc[..., None, :] + scale[..., None, :] * xi
+        lp = log_conditional(w[..., None, :], eps) + log_weight(eps)  # (..., chunk)
+        lp = jnp.where(ids < num_mixing, lp, -jnp.inf)
+        return jnp.logaddexp(acc, jax.nn.logsumexp(lp, axis=-1)), None
+
+    acc, _ = jax.lax.scan(body, own, (keys, idx))
+    return acc - math.log(num_mixing + 1)
+
+
 class SemiImplicit(WhitenedCoordinates, Family):
     """Semi-implicit family with the SIVI lower-bound surrogate (see module docstring).
 
@@ -122,6 +183,8 @@ class SemiImplicit(WhitenedCoordinates, Family):
     precond_loc, precond_scale : the fixed preconditioner ``z = m0 + L0 w`` (``L0`` a (d,)
         vector or (d, d) lower triangular; gradients stopped).
     num_mixing : K, fresh mixing draws in the surrogate (the generating draw is added).
+    reverse : optional reverse model ``w (..., d) -> (loc, scale)`` over the noise, each
+        (..., m); the fresh draws then come from it, importance-weighted (IWHVI).
     """
 
     density: ClassVar[str] = "lower_bound"
@@ -134,6 +197,7 @@ class SemiImplicit(WhitenedCoordinates, Family):
         precond_scale,
         *,
         num_mixing: int = 100,
+        reverse: Callable | None = None,
         validate_args=None,
     ):
         if not isinstance(num_mixing, int) or num_mixing < 0:
@@ -143,6 +207,7 @@ class SemiImplicit(WhitenedCoordinates, Family):
         self.conditional = conditional
         self.noise_dim = noise_dim
         self.num_mixing = num_mixing
+        self.reverse = reverse
         self.precond_loc = jax.lax.stop_gradient(precond_loc)
         self.precond_scale = jax.lax.stop_gradient(precond_scale)
         super().__init__(jnp.shape(precond_loc)[-1], validate_args=validate_args)
@@ -179,8 +244,12 @@ class SemiImplicit(WhitenedCoordinates, Family):
         return self.to_latent(mu + sigma * u)
 
     def _sivi_log_density(self, key, w, eps0, num_mixing):
-        # one set of K fresh draws for the whole batch (as in the authors' code)
-        out = mixture_log_density(key, w, self.log_conditional, eps0, self.noise_dim, num_mixing)
+        if self.reverse is not None:  # fresh draws from tau(. | w), per w
+            out = reverse_mixture_log_density(
+                key, w, self.log_conditional, eps0, self.reverse, num_mixing
+            )
+        else:  # one set of K fresh draws for the whole batch (as in the authors' code)
+            out = mixture_log_density(key, w, self.log_conditional, eps0, self.noise_dim, num_mixing)
         return out - self._log_det_precond()
 
     def sample_with_intermediates(self, key, sample_shape=()):
