@@ -422,7 +422,8 @@ def _sg_plan(name, ld: ModelLogDensity, opts, num_warmup, num_samples, batch_siz
             f"{num_cycles} (each cycle keeps num_samples / num_cycles draws)"
         )
     keep = num_samples // num_cycles
-    explore = int(math.ceil(keep * float(opts["exploration"]) / (1.0 - float(opts["exploration"]))))
+    beta = float(opts["exploration"])
+    explore = int(math.ceil(keep * beta / (1.0 - beta) - 1e-9))  # 0.8 / 0.2 is 4 + 1 ulp
     cycle = explore + keep
 
     def cyclical_h(i):  # i = step within the cycle

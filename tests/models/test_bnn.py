@@ -1,4 +1,5 @@
-"""The BNN regression model: sites and shapes, priors, minibatch scaling, guides on it."""
+"""The BNN regression and classification models: sites and shapes, priors, minibatch scaling,
+guides on them, classification metrics."""
 
 from __future__ import annotations
 
@@ -19,11 +20,14 @@ from numpyro.infer.util import log_density
 from scipy import stats
 
 from bayesgen.models.bnn import (
+    bnn_class_probs,
+    bnn_classification,
     bnn_forward,
     bnn_layer_shapes,
     bnn_num_weights,
     bnn_predictive_metrics,
     bnn_regression,
+    classification_metrics,
     regression_metrics,
 )
 
@@ -169,3 +173,110 @@ def test_bad_inputs_name_the_argument():
         trace(bnn_regression, X, Y, prior_scale=0.0)
     with numpyro.handlers.seed(rng_seed=0), pytest.raises(ValueError, match="hidden"):
         bnn_regression(X, Y, hidden=(3, "wide"))
+
+
+# ----------------------------------------------------------------------------- classification
+
+YC = jnp.asarray((np.asarray(X[:, 0]) + 0.3 * RNG.normal(size=40) > 0).astype(np.int32))
+YC3 = jnp.asarray(RNG.integers(0, 3, size=40).astype(np.int32))
+
+
+def _latent_values(tr):
+    return {k: v["value"] for k, v in tr.items() if v["type"] == "sample" and not v["is_observed"]}
+
+
+def test_classification_sites_shapes_and_priors():
+    tr = trace(bnn_classification, X, YC, hidden=HIDDEN, prior_scale=2.0)
+    latent = _latent_values(tr)
+    expected = {"w0": (3, 5), "b0": (5,), "w1": (5, 4), "b1": (4,), "w2": (4, 1), "b2": (1,)}
+    assert {k: v.shape for k, v in latent.items()} == expected  # the regression weights, no noise
+    for name, shape in expected.items():
+        fan_in = shape[0] if name.startswith("w") else 1
+        np.testing.assert_allclose(np.sqrt(np.asarray(tr[name]["fn"].variance)),
+                                   2.0 / math.sqrt(fan_in), rtol=1e-6)
+    assert tr["y"]["value"].shape == (40,) and tr["y"]["is_observed"]
+    tr3 = trace(bnn_classification, X, YC3, hidden=HIDDEN, num_classes=3)
+    assert tr3["w2"]["value"].shape == (4, 3) and tr3["b2"]["value"].shape == (3,)
+    # minibatch scaling, and sampled labels without y
+    tr = trace(bnn_classification, X, YC, hidden=HIDDEN, batch_size=8)
+    assert tr["y"]["value"].shape == (8,) and tr["y"]["scale"] == pytest.approx(40 / 8)
+    labels = trace(bnn_classification, X, hidden=HIDDEN, num_classes=3)["y"]["value"]
+    assert labels.shape == (40,) and set(np.unique(np.asarray(labels))) <= {0, 1, 2}
+    assert bnn_layer_shapes(3, HIDDEN, num_outputs=3)[-1] == (4, 3)
+    with pytest.raises(ValueError, match="num_classes"):
+        trace(bnn_classification, X, YC, num_classes=1)
+
+
+@pytest.mark.parametrize("num_classes", [2, 3])
+def test_classification_log_density_matches_a_hand_written_one(num_classes):
+    y = YC if num_classes == 2 else YC3
+    model = functools.partial(bnn_classification, hidden=(4,), num_classes=num_classes,
+                              activation="tanh", prior_scale=1.5)
+    params = _latent_values(trace(model, X, y, seed=3))
+    got = float(log_density(model, (X, y), {}, params)[0])
+    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    logits = np.tanh(np.asarray(X, np.float64) @ p["w0"] + p["b0"]) @ p["w1"] + p["b1"]
+    yy = np.asarray(y)
+    if num_classes == 2:
+        f = logits[:, 0]
+        loglik = np.sum(yy * f - np.logaddexp(0.0, f))
+    else:
+        loglik = np.sum(logits[np.arange(40), yy] - np.logaddexp.reduce(logits, axis=1))
+    logprior = (stats.norm(0, 1.5 / math.sqrt(3)).logpdf(p["w0"]).sum()
+                + stats.norm(0, 1.5).logpdf(p["b0"]).sum()
+                + stats.norm(0, 1.5 / 2.0).logpdf(p["w1"]).sum()
+                + stats.norm(0, 1.5).logpdf(p["b1"]).sum())
+    np.testing.assert_allclose(got, loglik + logprior, rtol=1e-5)
+
+
+def test_class_probs_shapes_and_values():
+    draws = {k: jnp.stack([trace(bnn_classification, X, YC, hidden=HIDDEN, seed=s)[k]["value"]
+                           for s in range(3)]) for k in ("w0", "b0", "w1", "b1", "w2", "b2")}
+    probs = np.asarray(bnn_class_probs(draws, X))
+    assert probs.shape == (3, 40, 2)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-6)
+    f = np.asarray(jax.vmap(lambda p: bnn_forward(p, X))(draws))
+    np.testing.assert_allclose(probs[..., 1], 1 / (1 + np.exp(-f)), rtol=1e-5, atol=1e-6)
+    draws3 = {k: jnp.stack([trace(bnn_classification, X, YC3, hidden=HIDDEN, num_classes=3,
+                                  seed=s)[k]["value"] for s in range(2)])
+              for k in ("w0", "b0", "w1", "b1", "w2", "b2")}
+    probs3 = np.asarray(bnn_class_probs(draws3, X, num_classes=3))
+    assert probs3.shape == (2, 40, 3)
+    np.testing.assert_allclose(probs3.sum(-1), 1.0, rtol=1e-6)
+    with pytest.raises(ValueError, match="num_classes"):
+        bnn_class_probs(draws3, X)  # three outputs read as a binary network
+
+
+def test_ece_of_calibrated_predictions_is_near_zero():
+    rng = np.random.default_rng(0)
+    p1 = rng.uniform(size=200_000)
+    y = (rng.uniform(size=p1.size) < p1).astype(int)  # labels drawn from the stated probabilities
+    m = classification_metrics(p1, y)
+    assert m["ece"] < 0.01
+    # the BMA of per-draw probabilities: (S, n, K) is averaged over draws first
+    probs = np.stack([1 - p1, p1], -1)
+    m3 = classification_metrics(np.stack([probs, probs]), y)
+    assert m3 == pytest.approx(m)
+
+
+def test_classification_metrics_by_hand():
+    # confidences 0.9, 0.9, 0.6, 0.6 (predicted classes 1, 1, 0, 0); labels 1, 0, 0, 0
+    p1 = np.array([0.9, 0.9, 0.4, 0.4])
+    y = np.array([1, 0, 0, 0])
+    m = classification_metrics(p1, y)
+    assert m["accuracy"] == pytest.approx(0.75)
+    assert m["nll"] == pytest.approx(-np.mean(np.log([0.9, 0.1, 0.6, 0.6])))
+    # 15 bins: 0.9 in (0.8667, 0.9333], accuracy 1/2; 0.6 in (0.5333, 0.6], accuracy 1
+    assert m["ece"] == pytest.approx(0.5 * abs(0.5 - 0.9) + 0.5 * abs(1.0 - 0.6))
+    # with 1 bin the ECE is |accuracy - mean confidence|
+    assert classification_metrics(p1, y, num_bins=1)["ece"] == pytest.approx(0.0)
+    assert classification_metrics(p1, np.array([1, 0, 0, 1]), num_bins=1)["ece"] == pytest.approx(
+        abs(0.5 - 0.75))
+    # three classes, (n, K) input
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]])
+    m = classification_metrics(probs, np.array([0, 1]))
+    assert m["accuracy"] == pytest.approx(0.5)
+    assert m["nll"] == pytest.approx(-np.mean(np.log([0.7, 0.3])))
+    assert m["ece"] == pytest.approx(0.5 * 0.3 + 0.5 * 0.6)
+    with pytest.raises(ValueError, match="probs"):
+        classification_metrics(probs, np.array([0, 1, 2]))
