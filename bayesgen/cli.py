@@ -171,10 +171,41 @@ def sgmcmc_main(argv):
     print(f"\n[bench-sgmcmc] {time.time() - t0:.0f} s; results in {a.out}/results.md")
 
 
+def nuts_main(argv):
+    from bayesgen.bench.nuts import DEFAULT_TARGETS, format_nuts_table, nuts_comparison
+
+    p = argparse.ArgumentParser(
+        prog="bayesgen bench-nuts",
+        description="ESS per second and per gradient of bayesgen's NUTS (blackjax) against "
+        "numpyro's NUTS on the same models, alternating in one process.",
+    )
+    p.add_argument("--targets", type=_csv, default=list(DEFAULT_TARGETS))
+    p.add_argument("--chains", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=1000)
+    p.add_argument("--samples", type=int, default=1000)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="outputs/bench-nuts")
+    a = p.parse_args(argv)
+    start = time.time()
+    rows = nuts_comparison(a.targets, num_chains=a.chains, num_warmup=a.warmup,
+                           num_samples=a.samples, repeats=a.repeats, seed=a.seed)
+    table = format_nuts_table(rows)
+    os.makedirs(a.out, exist_ok=True)
+    command = "bayesgen bench-nuts " + " ".join(argv)
+    with open(os.path.join(a.out, "results.md"), "w") as f:
+        f.write(f"# bayesgen bench-nuts\n\nCommand: `{command}`\n\n{table}\n")
+    with open(os.path.join(a.out, "results.json"), "w") as f:
+        json.dump(rows, f, indent=1, default=float)
+    print(table)
+    print(f"\n[bench-nuts] {time.time() - start:.0f} s; results in {a.out}/results.md")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: bayesgen {bench,bench-memory,bench-livi,bench-sgmcmc,demo} [options]   "
+        print("usage: bayesgen {bench,bench-memory,bench-livi,bench-sgmcmc,bench-nuts,demo} "
+              "[options]   "
               "(bayesgen CMD --help for options)")
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
@@ -188,9 +219,11 @@ def main(argv=None):
         livi_main(rest)
     elif cmd == "bench-sgmcmc":
         sgmcmc_main(rest)
+    elif cmd == "bench-nuts":
+        nuts_main(rest)
     else:
         print(f"bayesgen: unknown command {cmd!r}; use 'bench', 'bench-memory', 'bench-livi', "
-              "'bench-sgmcmc' or 'demo'", file=sys.stderr)
+              "'bench-sgmcmc', 'bench-nuts' or 'demo'", file=sys.stderr)
         return 2
     return 0
 
