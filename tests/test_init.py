@@ -149,3 +149,102 @@ def test_potential_nonfinite_everywhere_but_the_start(bad):
     np.testing.assert_array_equal(np.asarray(pre.scale), np.eye(3))  # the documented fallback
     assert float(pre.elbo) == -np.inf
     assert int(pre.iteration) == 0
+
+
+# --- the multi-path start ---------------------------------------------------------------
+
+_RING = jnp.asarray(
+    5.0 * np.stack([np.cos(np.pi * np.arange(8) / 4), np.sin(np.pi * np.arange(8) / 4)], -1),
+    jnp.float32,
+)
+_RING_X0 = jnp.asarray([-3.08, 0.08])  # the guides' init_to_median point on the ring
+
+
+def _ring_potential(log_w):
+    """Mixture of N(c_k, 0.5^2 I) with log weights ``log_w``, 8 centres on a circle of radius 5
+    (equal weights: the benchmark ring)."""
+
+    def ring_potential(z):
+        log_k = -0.5 * jnp.sum((z - _RING) ** 2, axis=-1) / 0.25 - 2.0 * jnp.log(0.5)
+        return -(jax.nn.logsumexp(log_w + log_k) - jnp.log(2.0 * jnp.pi))
+
+    return ring_potential
+
+
+# one compilation per mixture_scale, shared by the tests below (weights, gap and x0 are
+# traced; pass all four positionally so that the calls share the compiled function)
+_ring_run = jax.jit(
+    lambda key, log_w, gap, x0, *, mixture_scale="geometric": find_preconditioner(
+        _ring_potential(log_w), x0, key, basin_gap=gap, mixture_scale=mixture_scale
+    ),
+    static_argnames=("mixture_scale",),
+)
+_EQUAL = jnp.full(8, -np.log(8.0), jnp.float32)
+
+
+def test_multi_path_start_covers_the_ring():
+    """A single path ends in one mode (sd 0.5; see the module docstring). The multi-path
+    start finds the modes: their mixture covariance (``mixture_scale="moments"``) covers the
+    ring (truth: mean 0, sd 3.57), and the default returns the geometric mean of the
+    within-mode and mixture covariances (sd sqrt(0.5 * 3.57) = 1.34), centred on the ring."""
+    for seed in (0, 1):
+        moments = _ring_run(jr.key(seed), _EQUAL, 4.0, _RING_X0, mixture_scale="moments")
+        geometric = _ring_run(jr.key(seed), _EQUAL, 4.0, _RING_X0)
+        for pre in (moments, geometric):
+            assert int(pre.num_basins) >= 6, int(pre.num_basins)
+            assert int(pre.iteration) == -1
+            assert np.all(np.abs(np.asarray(pre.loc)) < 1.0), pre.loc
+            assert np.isfinite(float(pre.elbo))
+        np.testing.assert_array_equal(np.asarray(moments.loc), np.asarray(geometric.loc))
+        sd = np.sqrt(np.diag(_cov(moments.scale)))
+        assert np.all(sd > 2.0) and np.all(sd < 4.0), sd
+        sd = np.sqrt(np.diag(_cov(geometric.scale)))
+        assert np.all(sd > 1.1) and np.all(sd < 1.5), sd
+
+
+def test_multi_path_start_weighs_the_modes_by_elbo():
+    """Two modes 20 sds apart with masses 0.999 / 0.001 (log ratio 6.9 nats; the other six
+    have mass 1e-30), the path from x0 ending in the minor one. With ``basin_gap = 4`` the
+    minor mode does not count and the major mode's Laplace Gaussian replaces the first
+    path's; with a gap of 10 both count, weighted by their ELBOs."""
+    log_w = jnp.log(jnp.asarray([0.999, 1e-30, 1e-30, 1e-30, 0.001, 1e-30, 1e-30, 1e-30]))
+    x0 = jnp.asarray([-0.5, 0.3])  # on the minor mode's side of the watershed (x = 0.17)
+    one = _ring_run(jr.key(2), log_w, 4.0, x0)
+    assert int(one.num_basins) == 1 and int(one.iteration) == -1
+    np.testing.assert_allclose(np.asarray(one.loc), [5.0, 0.0], atol=1e-3)
+    np.testing.assert_allclose(np.sqrt(np.diag(_cov(one.scale))), 0.5, rtol=1e-3)
+    two = _ring_run(jr.key(2), log_w, 10.0, x0)
+    assert int(two.num_basins) == 2
+    np.testing.assert_allclose(np.asarray(two.loc), [5.0 - 10.0 * 1e-3, 0.0], atol=3e-3)
+    var_between = 100.0 * 0.999 * 0.001  # 0.1: the mixture's sd along x is sqrt(0.35)
+    sd = np.sqrt(np.diag(_cov(two.scale)))
+    np.testing.assert_allclose(sd, [(0.25 * (0.25 + var_between)) ** 0.25, 0.5], rtol=0.02)
+
+
+def test_multi_path_start_keeps_the_single_path_gaussian_on_a_unimodal_target():
+    """Every path ends at the one mode, so the result is the first path's, unchanged."""
+    one = jax.jit(lambda k: find_preconditioner(potential, X0, k, num_paths=1))(jr.key(5))
+    pre = _run(jr.key(5))  # the default: 16 paths
+    assert int(pre.num_basins) == 1
+    assert int(pre.iteration) == int(one.iteration) >= 0
+    np.testing.assert_allclose(np.asarray(pre.loc), np.asarray(one.loc), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(pre.scale), np.asarray(one.scale), rtol=1e-6,
+                               atol=1e-9)
+
+
+def funnel_potential(z):
+    """Neal's funnel (v ~ N(0, 3^2), x_i | v ~ N(0, e^v), 4 x's): no proper mode (the density
+    grows without bound as v -> -inf), so the paths slide down the neck."""
+    v, x = z[0], z[1:]
+    return v**2 / 18.0 + 0.5 * jnp.sum(x**2) * jnp.exp(-v) + 0.5 * x.shape[0] * v
+
+
+def test_multi_path_start_does_not_widen_a_funnel():
+    """(The result is then the first path's Gaussian by construction, as the unimodal test
+    above checks against ``num_paths=1``.)"""
+    x0 = jnp.asarray([0.5, -0.3, 0.8, 0.1, -1.2])
+    run = jax.jit(lambda k: find_preconditioner(funnel_potential, x0, k))
+    for seed in (6, 7):
+        pre = run(jr.key(seed))
+        assert int(pre.num_basins) == 1
+        assert int(pre.iteration) >= 0

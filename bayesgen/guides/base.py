@@ -9,7 +9,10 @@ Before the first step the guide finds the location and scale of each coordinate 
 pathfinder-style search, :mod:`bayesgen.init`) and keeps it as a fixed preconditioner
 ``(m0, L0)``: the family works in whitened coordinates ``w`` with ``z = m0 + L0 w``. Pass
 ``init_scale=None`` to start from the model's initial point with unit scale (numpyro's
-behaviour), or a ``(loc, scale)`` pair.
+behaviour), or a ``(loc, scale)`` pair. With a full preconditioner (up to 256 latent
+dimensions) the search runs several L-BFGS paths, and where they end in two or more
+distinct, competitive modes the preconditioner spans them (see :mod:`bayesgen.init`);
+``init_options={"num_paths": 1}`` keeps one path.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ class PreconditionedGuide(AutoContinuous):
         ``(loc, scale)`` pair given by the user (scale a (d,) vector or (d, d) lower
         triangular matrix).
     init_steps : L-BFGS iterations for the pathfinder start.
-    init_options : further keyword arguments of :func:`bayesgen.init.find_preconditioner`.
+    init_options : further keyword arguments of :func:`bayesgen.init.find_preconditioner`,
+        e.g. ``{"num_paths": 1}`` for the single-path start (no multi-mode search).
     prefix, init_loc_fn : as for numpyro autoguides (the init point starts the L-BFGS path).
     seed : seed for the initial weights and the pathfinder draws when the guide is not run
         under a numpyro seed handler.
