@@ -23,6 +23,7 @@ __all__ = [
     "NonFiniteLossError",
     "check_model",
     "latent_layout",
+    "subsampled_plates",
     "trace_model",
 ]
 
@@ -117,6 +118,17 @@ def latent_layout(trace) -> dict[str, tuple[int, ...]]:
     }
 
 
+def subsampled_plates(trace) -> dict[str, tuple[int, int]]:
+    """``{plate name: (size, subsample_size)}`` for the plates of a trace that subsample."""
+    out = {}
+    for name, site in trace.items():
+        if site["type"] == "plate":
+            size, subsample_size = site["args"]
+            if subsample_size is not None and int(subsample_size) != int(size):
+                out[name] = (int(size), int(subsample_size))
+    return out
+
+
 def check_model(model, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, trace=None):
     """Check that a model can be fitted by bayesgen's guides; raise otherwise.
 
@@ -152,12 +164,7 @@ def check_model(model, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | Non
     if trace is None:
         trace = trace_model(model, args, kwargs)
 
-    subsampled = {}
-    for name, site in trace.items():
-        if site["type"] == "plate":
-            size, subsample_size = site["args"]
-            if subsample_size is not None and int(subsample_size) != int(size):
-                subsampled[name] = (int(size), int(subsample_size))
+    subsampled = subsampled_plates(trace)
 
     latents = [name for name, site in trace.items() if _is_latent(site)]
 

@@ -107,6 +107,19 @@ def mixture_log_density(
     if num_mixing < 0:
         raise ValueError(f"num_mixing must be >= 0, got {num_mixing}")
     own = log_conditional(w[..., None, :], eps0[..., None, :])[..., 0]
+
+    def chunk_terms(k, n):  # one set of fresh draws shared by the batch
+        return log_conditional(w[..., None, :], jr.normal(k, (n, noise_dim)))
+
+    return _log_mean_with_own(key, own, chunk_terms, num_mixing, chunk_size)
+
+
+def _log_mean_with_own(key, own, chunk_terms, num_mixing, chunk_size):
+    """``log (1/(K+1)) [exp(own) + sum_k exp(term_k)]``, the K terms made in chunks.
+
+    ``chunk_terms(key, n)`` returns n log terms (..., n); a running logsumexp keeps memory
+    at one chunk whatever K, and the padding of the last chunk is dropped.
+    """
     if num_mixing == 0:
         return own
     chunk = min(chunk_size, num_mixing)
@@ -116,9 +129,7 @@ def mixture_log_density(
 
     def body(acc, inputs):
         k, ids = inputs
-        eps = jr.normal(k, (chunk, noise_dim))
-        lp = log_conditional(w[..., None, :], eps)  # (..., chunk)
-        lp = jnp.where(ids < num_mixing, lp, -jnp.inf)  # drop the padding of the last chunk
+        lp = jnp.where(ids < num_mixing, chunk_terms(k, chunk), -jnp.inf)
         return jnp.logaddexp(acc, jax.nn.logsumexp(lp, axis=-1)), None
 
     acc, _ = jax.lax.scan(body, own, (keys, idx))
@@ -153,23 +164,12 @@ def reverse_mixture_log_density(
 
     e0 = eps0[..., None, :]
     own = (log_conditional(w[..., None, :], e0) + log_weight(e0))[..., 0]
-    if num_mixing == 0:
-        return own
-    chunk = min(chunk_size, num_mixing)
-    num_chunks = -(-num_mixing // chunk)
-    keys = jr.split(key, num_chunks)
-    idx = jnp.arange(num_chunks * chunk).reshape(num_chunks, chunk)
 
-    def body(acc, inputs):
-        k, ids = inputs
-        xi = jr.normal(k, loc.shape[:-1] + (chunk, m))
-        eps = loc[..., None, :] + scale[..., None, :] * xi
-        lp = log_conditional(w[..., None, :], eps) + log_weight(eps)  # (..., chunk)
-        lp = jnp.where(ids < num_mixing, lp, -jnp.inf)
-        return jnp.logaddexp(acc, jax.nn.logsumexp(lp, axis=-1)), None
+    def chunk_terms(k, n):  # fresh draws from tau(. | w), one set per w
+        eps = loc[..., None, :] + scale[..., None, :] * jr.normal(k, loc.shape[:-1] + (n, m))
+        return log_conditional(w[..., None, :], eps) + log_weight(eps)
 
-    acc, _ = jax.lax.scan(body, own, (keys, idx))
-    return acc - math.log(num_mixing + 1)
+    return _log_mean_with_own(key, own, chunk_terms, num_mixing, chunk_size)
 
 
 class SemiImplicit(WhitenedCoordinates, Family):

@@ -30,9 +30,9 @@ from numpyro.infer.initialization import init_to_uniform
 from numpyro.infer.util import constrain_fn, initialize_model, potential_energy
 from numpyro.primitives import Messenger
 
-from bayesgen.errors import ModelStructureError, trace_model
+from bayesgen.errors import ModelStructureError, _is_latent, subsampled_plates, trace_model
 
-__all__ = ["ModelLogDensity", "model_log_density", "subsampled_plates"]
+__all__ = ["ModelLogDensity", "model_log_density"]
 
 
 class _PlateIndices(Messenger):
@@ -62,25 +62,8 @@ class ModelLogDensity(NamedTuple):
     latent_sites: tuple
 
 
-def subsampled_plates(trace) -> dict[str, tuple[int, int]]:
-    """``{plate name: (size, subsample_size)}`` for the plates of a trace that subsample."""
-    out = {}
-    for name, site in trace.items():
-        if site["type"] == "plate":
-            size, subsample_size = site["args"]
-            if subsample_size is not None and int(subsample_size) != int(size):
-                out[name] = (int(size), int(subsample_size))
-    return out
-
-
 def _latents(trace):
-    return [
-        n
-        for n, s in trace.items()
-        if s["type"] == "sample"
-        and not s["is_observed"]
-        and not s.get("infer", {}).get("is_auxiliary", False)
-    ]
+    return [n for n, s in trace.items() if _is_latent(s)]
 
 
 def _check(trace, plates, minibatch: bool, kernel_name: str):

@@ -217,7 +217,7 @@ def _schedule(step_size):
 # ----------------------------------------------------------------------------- kernels
 # Each plan gives per-chain pure functions:
 #   warmup(key, position) -> (carry, num_grad_evals)
-#   chunk(carry, keys, offset) -> (carry, outputs, num_grad_evals)   one draw per key
+#   chunk(carry, keys) -> (carry, outputs, num_grad_evals)   one draw (or cycle) per key
 # ``outputs`` holds "position" (d,) per draw, optionally "guide" (d,), and stats.
 
 
@@ -260,7 +260,7 @@ def _adapted_plan(name, algorithm, ld: ModelLogDensity, opts, num_warmup):
             grads = jnp.zeros((), jnp.int32)
         return (state, params), grads
 
-    def chunk(carry, keys, offset):
+    def chunk(carry, keys):
         state, params = carry
         step = algorithm(logdensity, **params, **extra).step
 
@@ -304,7 +304,7 @@ def _custom_plan(factory, ld: ModelLogDensity):
     def warmup(key, position):
         return algorithm.init(position), jnp.zeros((), jnp.int32)
 
-    def chunk(state, keys, offset):
+    def chunk(state, keys):
         def body(s, k):
             s, info = algorithm.step(k, s)
             out = {"position": s.position}
@@ -397,7 +397,7 @@ def _sg_plan(name, ld: ModelLogDensity, opts, num_warmup, num_samples, batch_siz
         if thin < 1:
             raise ValueError(f"kernel_options['thin'] must be a positive int, got {thin!r}")
 
-        def chunk(carry, keys, offset):
+        def chunk(carry, keys):
             state, t = carry
 
             def draw(c, k):
@@ -429,7 +429,7 @@ def _sg_plan(name, ld: ModelLogDensity, opts, num_warmup, num_samples, batch_siz
     def cyclical_h(i):  # i = step within the cycle
         return 0.5 * schedule(0) * (jnp.cos(jnp.pi * i / cycle) + 1.0)
 
-    def chunk(carry, keys, offset):  # one cycle per key
+    def chunk(carry, keys):  # one cycle per key
         state, t = carry
 
         def one_cycle(s, k):
@@ -584,7 +584,7 @@ def run(
     bar = _progress(progress_bar, n_draws, name)
     outs, grads, offset = [], [warm_grads], 0
     for size in sizes:
-        carry, out, g = chunk(carry, draw_keys[:, offset:offset + size], jnp.full((num_chains,), offset))
+        carry, out, g = chunk(carry, draw_keys[:, offset:offset + size])
         outs.append(jax.device_get(out))
         grads.append(g)
         offset += size
