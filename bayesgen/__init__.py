@@ -16,6 +16,8 @@ from bayesgen.families.flows import FlowFamily
 from bayesgen.fit import EarlyStop, FitResult, fit
 from bayesgen.guides import (
     AutoBNAF,
+    AutoDBVI,
+    AutoDDVI,
     AutoFlow,
     AutoMAF,
     AutoNeuralSpline,
@@ -34,6 +36,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AutoBNAF",
+    "AutoDBVI",
+    "AutoDDVI",
     "AutoFlow",
     "AutoKSIVI",
     "AutoLIVI",

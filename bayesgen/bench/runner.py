@@ -36,7 +36,7 @@ from bayesgen.guides import AutoFlow
 from bayesgen.models.targets import get_target, modes_covered
 
 FLOW_METHODS = ("realnvp", "nsf", "maf", "bnaf", "planar", "radial")
-IMPLICIT_METHODS = ("sivi", "uivi", "ksivi", "sivism", "livi")
+IMPLICIT_METHODS = ("sivi", "uivi", "ksivi", "sivism", "livi", "ddvi", "dbvi")
 METHODS = FLOW_METHODS + IMPLICIT_METHODS + tuple(NUMPYRO_GUIDES) + ("nuts",)
 
 
@@ -44,7 +44,8 @@ def _implicit_guide_class(method):
     import bayesgen.guides as g
 
     return {"sivi": "AutoSIVI", "uivi": "AutoUIVI", "ksivi": "AutoKSIVI",
-            "sivism": "AutoSIVISM", "livi": "AutoLIVI"}[method], g
+            "sivism": "AutoSIVISM", "livi": "AutoLIVI", "ddvi": "AutoDDVI",
+            "dbvi": "AutoDBVI"}[method], g
 
 
 def make_guide(method: str, model, **options):

@@ -70,11 +70,14 @@ def restore_keys(tree, template):
     return tree
 
 
-def nnx_param(name: str, module: nnx.Module):
+def nnx_param(name: str, module: nnx.Module, *, frozen: bool = False):
     """Register ``module``'s parameters as the numpyro param ``name``; return the applied net.
 
     Call inside a guide or model; returns ``net(*args)`` that evaluates the module at the
-    current (possibly substituted or optimised) parameter values.
+    current (possibly substituted or optimised) parameter values. With ``frozen=True`` it
+    returns ``(net, frozen_net)``, the second with the parameters' gradients stopped (same
+    values; for sticking-the-landing estimators, which differentiate a density only through
+    its argument).
     """
     apply, params = split_params(module)
     value = numpyro.param(name, stringify_keys(params))
@@ -83,7 +86,14 @@ def nnx_param(name: str, module: nnx.Module):
     def net(*args, **kwargs):
         return apply(current, *args, **kwargs)
 
-    return net
+    if not frozen:
+        return net
+    stopped = jax.lax.stop_gradient(current)
+
+    def frozen_net(*args, **kwargs):
+        return apply(stopped, *args, **kwargs)
+
+    return net, frozen_net
 
 
 def rescale_output(module: MLP, key, din: int, target_sd, *, num_draws: int = 2048):
@@ -100,3 +110,32 @@ def rescale_output(module: MLP, key, din: int, target_sd, *, num_draws: int = 20
     last.kernel.value = last.kernel.value * factor
     last.bias.value = (last.bias.value - mean) * factor
     return module
+
+
+def time_features(t, num_frequencies: int = 4):
+    """``[t, sin(pi 2^j t), cos(pi 2^j t)]_{j < num_frequencies}`` for a time in [0, 1]."""
+    t = jnp.asarray(t)
+    angles = jnp.pi * (2.0 ** jnp.arange(num_frequencies)) * t[..., None]
+    return jnp.concatenate([t[..., None], jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
+class ScoreNet(nnx.Module):
+    """``f(u, t)``: an MLP of the state (dim) and Fourier features of the time, output zeroed.
+
+    The last layer starts at zero, so a diffusion family built on it starts as its
+    reference (see :mod:`bayesgen.families.diffusion`).
+    """
+
+    def __init__(self, dim: int, dout: int | None = None, *, width: int, depth: int,
+                 rngs: nnx.Rngs, num_frequencies: int = 4, activation: Callable = jax.nn.gelu):
+        self.num_frequencies = num_frequencies
+        self.mlp = MLP(dim + 1 + 2 * num_frequencies, dout or dim, width=width, depth=depth,
+                       rngs=rngs, activation=activation)
+        last = self.mlp.layers[-1]
+        last.kernel.value = jnp.zeros_like(last.kernel.value)
+        last.bias.value = jnp.zeros_like(last.bias.value)
+
+    def __call__(self, u, t):
+        feats = time_features(t, self.num_frequencies)
+        feats = jnp.broadcast_to(feats, jnp.shape(u)[:-1] + feats.shape[-1:])
+        return self.mlp(jnp.concatenate([u, feats], axis=-1))
