@@ -7,7 +7,11 @@ and particles, then scored against the target's reference draws:
 - ``|log sd ratio|``: mean over coordinates of |log(sd_q / sd_ref)|;
 - ``energy``: energy distance between q and reference draws (reference-standardised);
 - ``elbo``: minus the mean loss of the last 10% of steps (VI only);
-- ``khat``: PSIS k-hat of the guide (exact-density guides only);
+- ``khat``: PSIS k-hat of the guide (exact densities, or the extended-space / path weights
+  of semi-implicit and diffusion guides);
+- ``elbo_err``, ``iw_err``, ``eubo_err`` (targets with a known log Z): ELBO, importance-
+  weighted evidence (2000 draws) and evidence upper bound (from 2000 exact draws; exact-
+  density and diffusion guides) minus log Z;
 - ``wall_s``: wall time of the fit or the sampler (compilation included);
 - ``step_ms``: compiled time of one SVI step, and ``vs_iaf``: that over numpyro
   AutoIAFNormal's step time on the same target, measured in the same run;
@@ -120,6 +124,41 @@ def score(target, samples, reference):
     return row
 
 
+def eubo(result, target, key, num_draws: int = 2000) -> float:
+    """Evidence upper bound ``E_p[log p(x, z) - log q(z)]`` from exact posterior draws.
+
+    Exact-density guides use ``log q`` itself; diffusion guides the path term on reference
+    paths started at the draws (``reference_log_ratio``). NaN where the guide has neither,
+    the target has no exact draws, or a site is constrained (the draws would need the
+    constraining Jacobian).
+    """
+    guide = result.guide
+    family = guide.get_posterior(result.params)
+    if not target.exact or not hasattr(guide, "_init_locs"):
+        return float("nan")
+    draws = target.reference(key, num_draws)
+    sites = list(guide._init_locs)
+    prototype = guide.prototype_trace
+    from numpyro.distributions.transforms import IdentityTransform, biject_to
+
+    def unconstrained(site):
+        t = biject_to(prototype[site]["fn"].support)
+        return isinstance(getattr(t, "base_transform", t), IdentityTransform)
+
+    if not all(unconstrained(s) for s in sites):
+        return float("nan")
+    z = jnp.concatenate([jnp.reshape(jnp.asarray(draws[s]), (num_draws, -1)) for s in sites], 1)
+    if family.density == "exact":
+        log_q = family.log_prob(z)
+    elif hasattr(family, "reference_log_ratio"):
+        log_q = family.reference_log_ratio(jr.fold_in(key, 1), z)
+    else:
+        return float("nan")
+    potential = guide.flat_potential()
+    log_p = -jax.vmap(potential)(z)
+    return float(jnp.mean(log_p - log_q))
+
+
 def run_method(target, method, *, steps, num_particles, learning_rate, num_samples, seed,
                guide_options=None, nuts_options=None, time_steps=True):
     """Fit (or sample) one method on one target; returns (row, samples)."""
@@ -142,7 +181,12 @@ def run_method(target, method, *, steps, num_particles, learning_rate, num_sampl
     if not callable(getattr(guide, "default_loss", None)):  # score-based losses are no ELBO
         row["elbo"] = float(-np.mean(tail))
     try:
-        row["khat"] = diagnose(result, num_samples=2000, key=jr.fold_in(key, 2)).khat
+        diag = diagnose(result, num_samples=2000, key=jr.fold_in(key, 2))
+        row["khat"] = diag.khat
+        if target.log_Z is not None:  # evidence errors: ELBO, importance-weighted, EUBO
+            row["elbo_err"] = diag.elbo - target.log_Z
+            row["iw_err"] = diag.log_evidence - target.log_Z
+            row["eubo_err"] = eubo(result, target, jr.fold_in(key, 3)) - target.log_Z
     except SurrogateDensityError:
         row["khat"] = float("nan")
     if time_steps:
@@ -245,8 +289,8 @@ def _fmt(v):
 
 
 COLUMNS = ("target", "method", "max_mean_err", "mean_mean_err", "log_sd_ratio", "energy",
-           "sd_v", "sd_err_x1", "sd_err_x2", "mean_abs_z", "modes", "elbo", "khat", "divergences", "wall_s", "step_ms",
-           "vs_iaf")
+           "sd_v", "sd_err_x1", "sd_err_x2", "mean_abs_z", "modes", "elbo", "khat",
+           "elbo_err", "iw_err", "eubo_err", "divergences", "wall_s", "step_ms", "vs_iaf")
 
 
 def format_table(rows, columns=COLUMNS):
