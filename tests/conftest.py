@@ -8,3 +8,6 @@ import tempfile
 _scratch = os.path.join(tempfile.gettempdir(), "bayesgen-tests-home")
 os.environ.setdefault("ARVIZ_DATA", os.path.join(_scratch, "arviz_data"))
 os.environ.setdefault("MPLCONFIGDIR", os.path.join(_scratch, "matplotlib"))
+# jaxlib's CPU triangular solves call OpenBLAS, whose threads stall each other (about 8 ms a
+# call) when pytest-xdist already runs one worker per core: one BLAS thread per worker.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
