@@ -14,6 +14,7 @@ import numpy as np
 import optax
 import pytest
 from conjugate5 import D, N, POST_COV, POST_MEAN, Y, model, posterior_errors
+import numpyro
 from numpyro.infer import SVI, Predictive, Trace_ELBO
 
 import bayesgen
@@ -70,3 +71,43 @@ def test_bad_arguments_name_themselves():
         AutoDBVI(model, depth=-1)
     with pytest.raises(ValueError, match="log_snr_max"):
         AutoDDVI(model, log_snr_max=-20.0)
+
+
+def test_dbvi_start_amortised_from_deep_gp_inducing_inputs():
+    """AutoDBVI(context=model.start_context) on a deep GP: the start is a function of the
+    model's inducing inputs, which the guide shares (gradients reach Z from the guide)."""
+    import jax
+    from numpyro.infer import Trace_ELBO
+
+    from bayesgen.models.deep_gp import DeepGP
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-2, 2, size=(40, 2)).astype(np.float32)
+    y = np.sin(x[:, 0]) + 0.1 * rng.normal(size=40).astype(np.float32)
+    model = DeepGP(x, num_layers=2, num_inducing=6)
+    assert model.start_context == {"v0": "Z0", "v1": "Z1"}
+    guide = AutoDBVI(model, context=model.start_context, num_steps=4, hidden=16,
+                     init_scale=None)
+    svi = SVI(model, guide, optax.adam(1e-2), Trace_ELBO())
+    state = svi.init(jr.key(0), x, y)
+    params = svi.get_params(state)
+    assert "auto_start_v0" in params and "Z0" in params
+    state, loss = svi.update(state, x, y)  # one step moves the start net off zero
+
+    def start_loc(p):
+        with numpyro.handlers.seed(rng_seed=0), numpyro.handlers.substitute(data=p):
+            return guide._start()[0]
+
+    p1 = svi.get_params(state)
+    moved = jax.tree.map(lambda a: a + 0.5, {"Z0": p1["Z0"]})
+    assert not np.allclose(start_loc(p1), start_loc({**p1, **moved}))  # depends on Z0
+    grads = jax.grad(lambda z0: jnp.sum(start_loc({**p1, "Z0": z0})))(p1["Z0"])
+    assert np.any(np.abs(np.asarray(grads)) > 0)
+    with pytest.raises(ValueError, match="not a numpyro.param"):
+        numpyro.handlers.seed(AutoDBVI(model, context={"v0": "nope"}, num_steps=2,
+                                       init_scale=None), 0)(x, y)
+    with pytest.raises(ValueError, match="latent site 'w'"):
+        numpyro.handlers.seed(AutoDBVI(model, context={"w": "Z0"}, num_steps=2,
+                                       init_scale=None), 0)(x, y)
+    with pytest.raises(ValueError, match="context must be a dict"):
+        AutoDBVI(model, context=["Z0"])

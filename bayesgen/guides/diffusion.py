@@ -24,7 +24,7 @@ from numpyro.infer.initialization import init_to_median
 
 from bayesgen.families.diffusion import DenoisingDiffusion, log_snr_schedule
 from bayesgen.guides.base import PreconditionedGuide
-from bayesgen.nn import ScoreNet, nnx_param
+from bayesgen.nn import MLP, ScoreNet, nnx_param
 
 _VAR_BOUND = 5.0  # the learned log variance factor stays in [-5, 5]
 
@@ -125,23 +125,85 @@ class AutoDDVI(PreconditionedGuide):
 class AutoDBVI(AutoDDVI):
     """Diffusion-bridge VI guide (Xu, Zhao, Paisley & Zeng, 2025): learned start, bridged reference.
 
-    The reverse process starts at ``N(mu, diag s^2)`` (learned; ``mu = 0``, ``s = 1`` at
-    the start) and the reference is bridged to end there (see
-    :mod:`bayesgen.families.diffusion`). With the score correction at zero the family is
-    the Gaussian ``N(A mu, A^2 s^2 + 1 - A^2)`` (whitened units, ``A = sqrt(abar_N)``), so
-    the default horizon is short enough to leave ``A = 0.71`` of the start's signal
-    (``log_snr_min = 0``, ``abar_N = 1/2``): the start carries a Gaussian fit and the
-    diffusion the rest.
+    The reverse process starts at ``N(mu, diag s^2)`` (``mu = 0``, ``s = 1`` at the start)
+    and the reference is bridged to end there (see :mod:`bayesgen.families.diffusion`).
+    With the score correction at zero the family is the Gaussian ``N(A mu, A^2 s^2 + 1 -
+    A^2)`` (whitened units, ``A = sqrt(abar_N)``), so the default horizon is short enough
+    to leave ``A = 0.71`` of the start's signal (``log_snr_min = 0``, ``abar_N = 1/2``): the
+    start carries a Gaussian fit and the diffusion the rest.
 
-    Parameters as :class:`AutoDDVI`.
+    Parameters
+    ----------
+    context : amortise the start: ``{latent site: model param}``, e.g. a deep GP's
+        ``{"v0": "Z0", "v1": "Z1"}`` (:attr:`bayesgen.models.deep_gp.DeepGP.start_context`).
+        For a site of shape ``(M, D)`` and a param of shape ``(M, C)`` (one context row per
+        latent row, as inducing inputs are for inducing outputs), ``mu`` and ``s`` of each
+        row come from one MLP ``R^C -> R^2D`` shared by the rows (so the start moves with
+        the inducing inputs and is equivariant to their order). The guide reads the
+        param's current value (it is shared with the model, not a copy). Sites not named
+        get a constant learned start.
+    Other parameters as :class:`AutoDDVI`.
     """
 
-    def __init__(self, model, *, log_snr_min: float = 0.0, **kwargs):
+    def __init__(self, model, *, log_snr_min: float = 0.0, context: dict | None = None,
+                 **kwargs):
+        if context is not None and (
+            not isinstance(context, dict)
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in context.items())
+        ):
+            raise ValueError(
+                "context must be a dict {latent site name: model param name}, "
+                f"got {context!r}"
+            )
+        self.context = dict(context or {})
+        self._context_templates = {}
         super().__init__(model, log_snr_min=log_snr_min, **kwargs)
 
+    def _build(self, key):
+        super()._build(key)
+        for i, (site, pname) in enumerate(self.context.items()):
+            if site not in self._init_locs:
+                raise ValueError(
+                    f"context names latent site {site!r}, which the model does not have; its "
+                    f"latent sites are {list(self._init_locs)}"
+                )
+            proto = self.prototype_trace.get(pname)
+            if proto is None or proto["type"] != "param":
+                raise ValueError(
+                    f"context maps {site!r} to {pname!r}, which is not a numpyro.param of the "
+                    "model"
+                )
+            shape, cshape = jnp.shape(self._init_locs[site]), jnp.shape(proto["value"])
+            if len(shape) != 2 or len(cshape) != 2 or shape[0] != cshape[0]:
+                raise ValueError(
+                    f"context {pname!r} of shape {cshape} must have one row per row of latent "
+                    f"site {site!r} of shape {shape} (both two-dimensional)"
+                )
+            width = self.hidden or 64
+            net = MLP(cshape[1], 2 * shape[1], width=width, depth=self.depth,
+                      rngs=nnx.Rngs(params=jax.random.fold_in(key, 100 + i)))
+            last = net.layers[-1]
+            last.kernel.value = jnp.zeros_like(last.kernel.value)
+            last.bias.value = jnp.zeros_like(last.bias.value)
+            self._context_templates[site] = net
+
     def _start(self):
-        d = self.latent_dim
-        loc = numpyro.param(f"{self.prefix}_start_loc", jnp.zeros(d))
-        scale = numpyro.param(f"{self.prefix}_start_scale", jnp.ones(d),
-                              constraint=constraints.softplus_positive)
-        return loc, scale
+        offset = math.log(math.expm1(1.0))  # softplus(offset) = 1
+        locs, scales = [], []
+        for site, value in self._init_locs.items():
+            shape = jnp.shape(value)
+            if site in self.context:
+                pname = self.context[site]
+                proto = self.prototype_trace[pname]
+                ctx = numpyro.param(pname, proto["value"],
+                                    constraint=proto["kwargs"].get("constraint", constraints.real))
+                net = nnx_param(f"{self.prefix}_start_{site}", self._context_templates[site])
+                out = net(ctx)
+                loc, raw = out[:, : shape[1]], out[:, shape[1]:]
+            else:
+                size = int(math.prod(shape))
+                loc = numpyro.param(f"{self.prefix}_start_loc_{site}", jnp.zeros(size))
+                raw = numpyro.param(f"{self.prefix}_start_raw_scale_{site}", jnp.zeros(size))
+            locs.append(jnp.reshape(loc, -1))
+            scales.append(jnp.reshape(jax.nn.softplus(raw + offset), -1))
+        return jnp.concatenate(locs), jnp.concatenate(scales)

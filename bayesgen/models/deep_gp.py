@@ -526,6 +526,12 @@ class DeepGP:
 
     # --- layout -------------------------------------------------------------------------
     @property
+    def start_context(self) -> dict[str, str]:
+        """``{"v{l}": "Z{l}"}``: each layer's inducing inputs as the context of its inducing
+        outputs, for :class:`bayesgen.AutoDBVI`'s amortised start (``context=...``)."""
+        return {f"v{l}": f"Z{l}" for l in range(self.num_layers)}
+
+    @property
     def latent_shapes(self) -> dict[str, tuple[int, int]]:
         """``{"v0": (M, D_0), ...}``: the latent sites and their shapes."""
         return {f"v{l}": (self.num_inducing, d) for l, d in enumerate(self.layer_dims)}
