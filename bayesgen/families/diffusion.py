@@ -195,16 +195,19 @@ def bridge_log_h(u, signal, start_loc, start_scale):
     which is finite at t = T (V = 0, where it is log rho - log N(0, 1)) and zero for rho =
     N(0, I).
     """
-    a = signal
-    v = 1.0 - a * a
+    const, lin, quad = bridge_coefficients(signal, start_loc, start_scale)
+    return jnp.sum(const + lin * u - 0.5 * quad * u * u, axis=-1)
+
+
+def bridge_coefficients(signal, start_loc, start_scale):
+    """``(c, b, P)`` with ``log h(u, t) = sum_i c_i + b_i u_i - P_i u_i^2 / 2`` (bridge_log_h)."""
+    v = 1.0 - signal * signal
     prec = 1.0 / (start_scale * start_scale)
     d = 1.0 + v * (prec - 1.0)
     mu = start_loc
-    quad = (2.0 * a * u * mu * prec + v * mu * mu * prec * prec - (prec - 1.0) * a * a * u * u) / (
-        2.0 * d
-    )
-    terms = -jnp.log(start_scale) - 0.5 * jnp.log(d) + quad - 0.5 * mu * mu * prec
-    return jnp.sum(terms, axis=-1)
+    const = (-jnp.log(start_scale) - 0.5 * jnp.log(d) + 0.5 * v * mu * mu * prec * prec / d
+             - 0.5 * mu * mu * prec)
+    return const, signal * mu * prec / d, (prec - 1.0) * signal * signal / d
 
 
 class DenoisingDiffusion(Family, WhitenedCoordinates):
@@ -330,12 +333,6 @@ class DenoisingDiffusion(Family, WhitenedCoordinates):
         return u0, acc
 
     # --- the reference direction (EUBO) -----------------------------------------------------
-    def _bridge_coefficients(self, signal):
-        """``log h(u, t) = const + lin u - quad u^2 / 2`` per coordinate (bridge_log_h)."""
-        prec = 1.0 / (self.start_scale * self.start_scale)
-        d = 1.0 + (1.0 - signal * signal) * (prec - 1.0)
-        return signal * self.start_loc * prec / d, (prec - 1.0) * signal * signal / d
-
     def _reference_path(self, key, u0):
         """Draw ``u_{1:N}`` from the (bridged) reference started at ``u0``; (N + 1, d) path."""
         sched = self.schedule
@@ -347,7 +344,7 @@ class DenoisingDiffusion(Family, WhitenedCoordinates):
         def step(u, inputs):
             a_k, var_k, sig_k, xi = inputs
             if self.bridged:  # B_k(u' | u) h_k(u') is Gaussian in u'
-                lin, quad = self._bridge_coefficients(sig_k)
+                _, lin, quad = bridge_coefficients(sig_k, self.start_loc, self.start_scale)
                 prec = 1.0 / var_k + quad
                 mean = (a_k * u / var_k + lin) / prec
                 nxt = mean + xi / jnp.sqrt(prec)

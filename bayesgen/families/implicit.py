@@ -93,7 +93,7 @@ from flax import nnx
 
 from bayesgen.families.base import Family, WhitenedCoordinates, check_latent
 from bayesgen.families.semi_implicit import mixture_log_density
-from bayesgen.nn import MLP
+from bayesgen.nn import MLP, zero_last_layer
 
 __all__ = [
     "ENTROPY_METHODS",
@@ -554,9 +554,7 @@ class MLPGenerator(nnx.Module):
         if depth > 0:
             mlp = MLP(noise_dim, out_dim, width=width, depth=depth, rngs=rngs,
                       activation=activation)
-            last = mlp.layers[-1]
-            last.kernel.value = jnp.zeros_like(last.kernel.value)
-            last.bias.value = jnp.zeros_like(last.bias.value)
+            zero_last_layer(mlp)
             self.mlp = mlp
         else:
             self.mlp = None

@@ -24,7 +24,7 @@ from numpyro.infer.initialization import init_to_median
 
 from bayesgen.families.diffusion import DenoisingDiffusion, log_snr_schedule
 from bayesgen.guides.base import PreconditionedGuide
-from bayesgen.nn import MLP, ScoreNet, nnx_param
+from bayesgen.nn import MLP, ScoreNet, nnx_param, zero_last_layer
 
 _VAR_BOUND = 5.0  # the learned log variance factor stays in [-5, 5]
 
@@ -182,9 +182,7 @@ class AutoDBVI(AutoDDVI):
             width = self.hidden or 64
             net = MLP(cshape[1], 2 * shape[1], width=width, depth=self.depth,
                       rngs=nnx.Rngs(params=jax.random.fold_in(key, 100 + i)))
-            last = net.layers[-1]
-            last.kernel.value = jnp.zeros_like(last.kernel.value)
-            last.bias.value = jnp.zeros_like(last.bias.value)
+            zero_last_layer(net)
             self._context_templates[site] = net
 
     def _start(self):

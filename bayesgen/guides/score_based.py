@@ -43,7 +43,7 @@ from flax import nnx
 from numpyro.primitives import mutable
 
 from bayesgen.guides.semi_implicit import AutoSIVI
-from bayesgen.nn import MLP, restore_keys, stringify_keys, split_params
+from bayesgen.nn import MLP, restore_keys, split_params, stringify_keys, zero_last_layer
 from bayesgen.objectives import (
     KERNELS,
     STATISTICS,
@@ -196,9 +196,7 @@ class AutoSIVISM(AutoSIVI):
         d = self.latent_dim
         width = self.critic_hidden or int(min(256, max(64, 2 * d)))
         net = MLP(d, d, width=width, depth=self.critic_depth, rngs=nnx.Rngs(params=k_critic))
-        last = net.layers[-1]
-        last.kernel.value = jnp.zeros_like(last.kernel.value)
-        last.bias.value = jnp.zeros_like(last.bias.value)
+        zero_last_layer(net)
         apply, template = split_params(net)
         params = stringify_keys(template)
         self._critic_apply, self._critic_template = apply, template

@@ -18,7 +18,7 @@ from numpyro.infer.initialization import init_to_median
 
 from bayesgen.families.semi_implicit import SemiImplicit, UnbiasedSemiImplicit
 from bayesgen.guides.base import PreconditionedGuide
-from bayesgen.nn import MLP, nnx_param, rescale_output
+from bayesgen.nn import MLP, nnx_param, rescale_output, zero_last_layer
 
 # At initialisation the family is close to the preconditioner's Gaussian N(m0, L0 L0^T):
 # Var mu(eps) = 0.6^2 and sigma = 0.8, which add up to unit variance per whitened coordinate.
@@ -115,9 +115,7 @@ class AutoSIVI(PreconditionedGuide):
         if self.reverse_model:
             k_rev = jax.random.fold_in(key, 1)
             rev = MLP(d, 2 * self._m, width=width, depth=self.depth, rngs=nnx.Rngs(params=k_rev))
-            last = rev.layers[-1]  # start at the prior: loc 0, scale 1
-            last.kernel.value = jnp.zeros_like(last.kernel.value)
-            last.bias.value = jnp.zeros_like(last.bias.value)
+            zero_last_layer(rev)
             self._reverse_template = rev
 
     def _reverse(self):

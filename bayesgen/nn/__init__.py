@@ -43,6 +43,18 @@ class MLP(nnx.Module):
         return self.layers[-1](x)
 
 
+def zero_last_layer(mlp: MLP) -> MLP:
+    """Zero the last layer of ``mlp`` (kernel and bias), so the network starts at output 0.
+
+    The families use it to start exactly at their reference (a flow at the identity, a
+    diffusion at its reference process, a reverse model at the prior).
+    """
+    last = mlp.layers[-1]
+    last.kernel.value = jnp.zeros_like(last.kernel.value)
+    last.bias.value = jnp.zeros_like(last.bias.value)
+    return mlp
+
+
 def split_params(module: nnx.Module):
     """``(apply, params)``: a pure ``apply(params, *args)`` and the module's parameter dict."""
     graphdef, state = nnx.split(module, nnx.Param)
@@ -131,9 +143,7 @@ class ScoreNet(nnx.Module):
         self.num_frequencies = num_frequencies
         self.mlp = MLP(dim + 1 + 2 * num_frequencies, dout or dim, width=width, depth=depth,
                        rngs=rngs, activation=activation)
-        last = self.mlp.layers[-1]
-        last.kernel.value = jnp.zeros_like(last.kernel.value)
-        last.bias.value = jnp.zeros_like(last.bias.value)
+        zero_last_layer(self.mlp)
 
     def __call__(self, u, t):
         feats = time_features(t, self.num_frequencies)
