@@ -28,6 +28,7 @@ from bayesgen.guides import (
     AutoRealNVP,
     AutoSIVI,
     AutoSIVISM,
+    AutoSNF,
     AutoUIVI,
 )
 from bayesgen.objectives import KernelSteinLoss, ScoreMatchingLoss
@@ -48,6 +49,7 @@ __all__ = [
     "AutoRealNVP",
     "AutoSIVI",
     "AutoSIVISM",
+    "AutoSNF",
     "AutoUIVI",
     "Comparison",
     "Diagnosis",

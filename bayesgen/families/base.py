@@ -101,6 +101,34 @@ class Family(Distribution):
         )
 
 
+class PathSurrogate:
+    """Mixin of path-space families (diffusions, stochastic flows): the draw's path term.
+
+    ``sample_with_intermediates`` returns ``[log q(path) - log r(path | z)]``; ``log_prob``
+    hands it back (a lower-bound surrogate, ``density = "lower_bound"``) and
+    ``log_importance_density`` returns the same term, since ``exp(log p(x, z) - it)`` is an
+    exact importance weight on path space (its expectation is p(x)).
+    """
+
+    def log_prob(self, value, intermediates=None):
+        if intermediates:
+            return intermediates[0]
+        raise ValueError(
+            f"{type(self).__name__}.log_prob is a path-space surrogate of a draw and needs that "
+            "draw's intermediates (numpyro passes them from the guide's sample site); it has no "
+            "closed-form density at an arbitrary value"
+        )
+
+    def log_importance_density(self, key, value, intermediates, num_mixing: int = 0):
+        """Path-space proposal log-density: ``exp(log p(x, z) - it)`` has expectation p(x).
+
+        ``key`` and ``num_mixing`` are unused (the path is the extended variable).
+        """
+        del key, num_mixing
+        check_latent(value, self.latent_dim)
+        return self.log_prob(value, intermediates)
+
+
 class WhitenedCoordinates:
     """Mixin for families that work in a fixed preconditioner's coordinates, ``z = m0 + L0 w``.
 

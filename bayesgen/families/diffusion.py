@@ -107,7 +107,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 
-from bayesgen.families.base import Family, WhitenedCoordinates, check_latent
+from bayesgen.families.base import Family, PathSurrogate, WhitenedCoordinates, check_latent
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -210,7 +210,7 @@ def bridge_coefficients(signal, start_loc, start_scale):
     return const, signal * mu * prec / d, (prec - 1.0) * signal * signal / d
 
 
-class DenoisingDiffusion(Family, WhitenedCoordinates):
+class DenoisingDiffusion(PathSurrogate, Family, WhitenedCoordinates):
     """Reverse-time diffusion family with a path-space lower-bound surrogate (module docstring).
 
     Parameters
@@ -403,20 +403,3 @@ class DenoisingDiffusion(Family, WhitenedCoordinates):
         log_q = log_q - self._log_det_precond()
         return z.reshape(shape + (d,)), [log_q.reshape(shape)]
 
-    def log_prob(self, value, intermediates=None):
-        if intermediates:
-            return intermediates[0]
-        raise ValueError(
-            f"{type(self).__name__}.log_prob is a path-space surrogate of a draw and needs that "
-            "draw's intermediates (numpyro passes them from the guide's sample site); it has no "
-            "closed-form density at an arbitrary value"
-        )
-
-    def log_importance_density(self, key, value, intermediates, num_mixing: int = 0):
-        """Path-space proposal log-density: ``exp(log p(x, z) - it)`` has expectation p(x).
-
-        ``key`` and ``num_mixing`` are unused (the path is the extended variable).
-        """
-        del key, num_mixing
-        check_latent(value, self.latent_dim)
-        return self.log_prob(value, intermediates)

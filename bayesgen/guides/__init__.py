@@ -3,7 +3,7 @@
 One module per family kind: :mod:`~bayesgen.guides.flows` (exact density),
 :mod:`~bayesgen.guides.semi_implicit` (SIVI, UIVI), :mod:`~bayesgen.guides.score_based`
 (kernel SIVI, SIVI-SM: the same family with score-based losses from
-:mod:`bayesgen.objectives`), :mod:`~bayesgen.guides.implicit` (LIVI), :mod:`~bayesgen.guides.diffusion` (DDVI, DBVI). Shared set-up (the fixed preconditioner, the
+:mod:`bayesgen.objectives`), :mod:`~bayesgen.guides.implicit` (LIVI), :mod:`~bayesgen.guides.diffusion` (DDVI, DBVI), :mod:`~bayesgen.guides.stochastic_flow` (SNF). Shared set-up (the fixed preconditioner, the
 model's log-density on the flat latent) is in :mod:`~bayesgen.guides.base`.
 """
 
@@ -21,6 +21,7 @@ from bayesgen.guides.diffusion import AutoDBVI, AutoDDVI
 from bayesgen.guides.implicit import AutoLIVI
 from bayesgen.guides.score_based import AutoKSIVI, AutoSIVISM
 from bayesgen.guides.semi_implicit import AutoSIVI, AutoUIVI
+from bayesgen.guides.stochastic_flow import AutoSNF
 
 __all__ = [
     "AutoBNAF",
@@ -36,6 +37,7 @@ __all__ = [
     "AutoRealNVP",
     "AutoSIVI",
     "AutoSIVISM",
+    "AutoSNF",
     "AutoUIVI",
     "PreconditionedGuide",
 ]
