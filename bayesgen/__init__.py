@@ -16,6 +16,7 @@ from bayesgen.families.flows import FlowFamily
 from bayesgen.fit import EarlyStop, FitResult, fit
 from bayesgen.guides import (
     AutoBNAF,
+    AutoCMCD,
     AutoDBVI,
     AutoDDVI,
     AutoFlow,
@@ -37,6 +38,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AutoBNAF",
+    "AutoCMCD",
     "AutoDBVI",
     "AutoDDVI",
     "AutoFlow",

@@ -40,7 +40,7 @@ from bayesgen.guides import AutoFlow
 from bayesgen.models.targets import get_target, modes_covered
 
 FLOW_METHODS = ("realnvp", "nsf", "maf", "bnaf", "planar", "radial")
-IMPLICIT_METHODS = ("sivi", "uivi", "ksivi", "sivism", "livi", "ddvi", "dbvi", "snf")
+IMPLICIT_METHODS = ("sivi", "uivi", "ksivi", "sivism", "livi", "ddvi", "dbvi", "snf", "cmcd")
 METHODS = FLOW_METHODS + IMPLICIT_METHODS + tuple(NUMPYRO_GUIDES) + ("nuts",)
 
 
@@ -49,7 +49,7 @@ def _implicit_guide_class(method):
 
     return {"sivi": "AutoSIVI", "uivi": "AutoUIVI", "ksivi": "AutoKSIVI",
             "sivism": "AutoSIVISM", "livi": "AutoLIVI", "ddvi": "AutoDDVI",
-            "dbvi": "AutoDBVI", "snf": "AutoSNF"}[method], g
+            "dbvi": "AutoDBVI", "snf": "AutoSNF", "cmcd": "AutoCMCD"}[method], g
 
 
 def make_guide(method: str, model, **options):

@@ -210,6 +210,11 @@ class StochasticNormalizingFlow(PathSurrogate, Family, WhitenedCoordinates):
     score_clip : soft clip ``c tanh(g / c)`` of the whitened target score per coordinate,
         ``None`` for none (the weights stay exact either way).
     remat : recompute each stochastic step in the backward pass (memory O(1) in K).
+    control : ``(u, g, t) -> (d,)``, a learned control added to the forward Langevin drift
+        and subtracted from the backward one (controlled Monte Carlo diffusion,
+        :mod:`bayesgen.families.cmcd`): ``u`` the state, ``g`` its (clipped) target score,
+        ``t = b / B`` the block's time. Unadjusted Langevin only (``mala=False``); the
+        weights stay exact for any control.
     """
 
     density: ClassVar[str] = "lower_bound"
@@ -231,6 +236,7 @@ class StochasticNormalizingFlow(PathSurrogate, Family, WhitenedCoordinates):
         mala: bool = False,
         score_clip: float | None = 100.0,
         remat: bool = False,
+        control: Callable | None = None,
         validate_args=None,
     ):
         if not callable(log_density):
@@ -245,6 +251,12 @@ class StochasticNormalizingFlow(PathSurrogate, Family, WhitenedCoordinates):
             raise ValueError(f"final_steps must be an int >= 0, got {final_steps!r}")
         if score_clip is not None and not score_clip > 0:
             raise ValueError(f"score_clip must be positive or None, got {score_clip!r}")
+        if control is not None and (mala or not callable(control)):
+            raise ValueError(
+                "control must be a callable (u, g, t) -> (d,) and needs mala=False: a "
+                "Metropolis step with a controlled proposal would need the reverse proposal's "
+                "density, not the controlled backward kernel"
+            )
         d = jnp.shape(precond_loc)[-1]
         lambdas = jnp.asarray(lambdas)
         if lambdas.ndim != 1 or lambdas.shape[0] < 1:
@@ -285,6 +297,7 @@ class StochasticNormalizingFlow(PathSurrogate, Family, WhitenedCoordinates):
         self.mala = bool(mala)
         self.score_clip = score_clip
         self.remat = bool(remat)
+        self.control = control
         super().__init__(d, validate_args=validate_args)
 
     # --- the target in whitened coordinates ---------------------------------------------------
@@ -299,23 +312,39 @@ class StochasticNormalizingFlow(PathSurrogate, Family, WhitenedCoordinates):
         """``(log target(u), grad_u of it)``."""
         return jax.value_and_grad(self._log_target)(u)
 
+    def _clip(self, g):
+        if self.score_clip is None:
+            return g
+        return self.score_clip * jnp.tanh(g / self.score_clip)
+
     def _drift(self, u, g, lam):
-        if self.score_clip is not None:
-            g = self.score_clip * jnp.tanh(g / self.score_clip)
-        return -(1.0 - lam) * u + lam * g
+        return -(1.0 - lam) * u + lam * self._clip(g)
+
+    def _drifts(self, u, g, lam, t):
+        """``(forward drift, backward drift)`` at ``u``: the energy's, plus / minus the control."""
+        drift = self._drift(u, g, lam)
+        if self.control is None:
+            return drift, drift
+        c = self.control(u, self._clip(g), t)
+        return drift + c, drift - c
 
     @staticmethod
     def _energy(u, lp, lam):
         return (1.0 - lam) * 0.5 * jnp.sum(u * u) - lam * lp
 
+    def block_times(self):
+        """``t_b = b / B`` for b = 1..B, the blocks' times (the control's input)."""
+        return linear_schedule(self.num_blocks)
+
     # --- one path -------------------------------------------------------------------------------
-    def _langevin_steps(self, carry, lam, eps, noises, log_uniforms, differentiated=True):
+    def _langevin_steps(self, carry, lam, eps, noises, log_uniforms, differentiated=True,
+                        t=1.0):
         sqrt_2eps = jnp.sqrt(2.0 * eps)
 
         def step(carry, inputs):
             x, lp_x, g_x, log_q, n_acc = carry
             eta, log_unif = inputs
-            y = x + eps * self._drift(x, g_x, lam) + sqrt_2eps * eta
+            y = x + eps * self._drifts(x, g_x, lam, t)[0] + sqrt_2eps * eta
             ok = True
             if self.mala and differentiated:
                 # A proposal where the target or its score overflows is rejected, but
@@ -326,7 +355,7 @@ class StochasticNormalizingFlow(PathSurrogate, Family, WhitenedCoordinates):
                 ok = jnp.isfinite(lp_c) & jnp.all(jnp.abs(g_c) < _MAX_SCORE)
                 y = jnp.where(ok, y, x)
             lp_y, g_y = self._target(y)
-            eta_back = (x - y - eps * self._drift(y, g_y, lam)) / sqrt_2eps
+            eta_back = (x - y - eps * self._drifts(y, g_y, lam, t)[1]) / sqrt_2eps
             # log backward kernel - log forward kernel (the Gaussian normalisers cancel)
             delta_s = 0.5 * jnp.sum(eta * eta - eta_back * eta_back)
             if self.mala:
@@ -393,7 +422,7 @@ class StochasticNormalizingFlow(PathSurrogate, Family, WhitenedCoordinates):
         carry = (u, lp, g, log_q, jnp.zeros((), jnp.int32))
 
         def block(carry, inputs):
-            params, lam, eps, eta, log_unif = inputs
+            params, lam, eps, t, eta, log_unif = inputs
             u, lp, g, log_q, n_acc = carry
             if self.block_layer is not None:
                 u, ld = self.block_layer(params, u)
@@ -402,10 +431,11 @@ class StochasticNormalizingFlow(PathSurrogate, Family, WhitenedCoordinates):
                     lp, g = self._target(u)
             carry = (u, lp, g, log_q, n_acc)
             if self.langevin_steps:
-                carry = self._langevin_steps(carry, lam, eps, eta, log_unif)
+                carry = self._langevin_steps(carry, lam, eps, eta, log_unif, t=t)
             return carry, None
 
-        inputs = (self.block_params, self.lambdas, self.step_sizes, noises, log_uniforms)
+        inputs = (self.block_params, self.lambdas, self.step_sizes, self.block_times(), noises,
+                  log_uniforms)
         carry, _ = jax.lax.scan(block, carry, inputs)
         if self.final_steps:
             carry = self._final_steps(carry, final_noises, final_log_uniforms)

@@ -3,11 +3,14 @@
 One module per family kind: :mod:`~bayesgen.guides.flows` (exact density),
 :mod:`~bayesgen.guides.semi_implicit` (SIVI, UIVI), :mod:`~bayesgen.guides.score_based`
 (kernel SIVI, SIVI-SM: the same family with score-based losses from
-:mod:`bayesgen.objectives`), :mod:`~bayesgen.guides.implicit` (LIVI), :mod:`~bayesgen.guides.diffusion` (DDVI, DBVI), :mod:`~bayesgen.guides.stochastic_flow` (SNF). Shared set-up (the fixed preconditioner, the
-model's log-density on the flat latent) is in :mod:`~bayesgen.guides.base`.
+:mod:`bayesgen.objectives`), :mod:`~bayesgen.guides.implicit` (LIVI), :mod:`~bayesgen.guides.diffusion` (DDVI, DBVI),
+:mod:`~bayesgen.guides.stochastic_flow` (SNF), :mod:`~bayesgen.guides.cmcd` (CMCD). Shared
+set-up (the fixed preconditioner, the model's log-density on the flat latent inside the
+guide) is in :mod:`~bayesgen.guides.base`.
 """
 
-from bayesgen.guides.base import PreconditionedGuide
+from bayesgen.guides.base import ModelDensityGuide, PreconditionedGuide
+from bayesgen.guides.cmcd import AutoCMCD
 from bayesgen.guides.flows import (
     AutoBNAF,
     AutoFlow,
@@ -25,6 +28,7 @@ from bayesgen.guides.stochastic_flow import AutoSNF
 
 __all__ = [
     "AutoBNAF",
+    "AutoCMCD",
     "AutoDBVI",
     "AutoDDVI",
     "AutoFlow",
@@ -39,5 +43,6 @@ __all__ = [
     "AutoSIVISM",
     "AutoSNF",
     "AutoUIVI",
+    "ModelDensityGuide",
     "PreconditionedGuide",
 ]

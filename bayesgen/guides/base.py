@@ -20,11 +20,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 import numpyro
 from numpyro.infer.autoguide import AutoContinuous
 from numpyro.infer.initialization import init_to_median
 from numpyro.infer.util import potential_energy
 
+from bayesgen.errors import subsampled_plates
 from bayesgen.init import find_preconditioner
 
 
@@ -179,3 +181,79 @@ class PreconditionedGuide(AutoContinuous):
         samples = self.sample_posterior(jr.key(seed), params, sample_shape=(num_samples,))
         q = jnp.asarray(quantiles)
         return {k: jnp.quantile(v, q, axis=0) for k, v in samples.items()}
+
+
+def _signature(args, kwargs):
+    """Tree structure and leaf shapes of a call's arguments (is it the set-up's data layout?)."""
+    leaves, treedef = jax.tree.flatten((tuple(args), dict(kwargs)))
+    return treedef, tuple(np.shape(x) for x in leaves)
+
+
+class ModelDensityGuide(PreconditionedGuide):
+    """A guide whose family evaluates the model's log-density (AutoSNF, AutoCMCD).
+
+    ``SVI`` calls the guide with the model's arguments; the guide keeps them for the call and
+    :meth:`model_log_density` evaluates the model at them, under ``numpyro.handlers.block``
+    so the model's sites stay out of the guide's trace. Where a call's arguments do not have
+    the set-up's structure (``Predictive(model, guide=guide, ...)()`` without the data) it
+    uses the set-up arguments: the draws are then from the posterior the guide was fitted to.
+    :meth:`check_model_density` refuses models whose density the guide cannot evaluate:
+    ``numpyro.param`` sites (their values are not reachable from the guide) and subsampled
+    plates (a minibatch density would make the target random).
+    """
+
+    _call_args = None
+    _setup_signature = None
+
+    def __call__(self, *args, **kwargs):
+        previous = self._call_args
+        self._call_args = (args, kwargs)
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            self._call_args = previous
+
+    def _setup_prototype(self, *args, **kwargs):
+        self._setup_signature = _signature(args, kwargs)
+        super()._setup_prototype(*args, **kwargs)
+
+    def check_model_density(self):
+        """Raise if the model has ``numpyro.param`` sites or a subsampled plate."""
+        name = type(self).__name__
+        trace = self.prototype_trace
+        params = [n for n, site in trace.items() if site["type"] == "param"]
+        if params:
+            raise ValueError(
+                f"{name} cannot fit a model with numpyro.param sites ({', '.join(params)}): "
+                "it evaluates the model's density inside the guide, where the model's "
+                "parameters are not reachable. Make them latent (numpyro.sample with a prior) "
+                "or fixed constants, or use AutoDDVI/AutoDBVI, which need no model gradient "
+                "inside the guide."
+            )
+        plates = subsampled_plates(trace)
+        if plates:
+            desc = ", ".join(f"'{n}' (size={size}, subsample_size={sub})"
+                             for n, (size, sub) in plates.items())
+            raise ValueError(
+                f"{name} cannot fit a model with a subsampled plate ({desc}): its steps target "
+                "the model's density, and a minibatch estimate would make that target random. "
+                "Drop subsample_size (fit the full data), or use AutoDDVI/AutoDBVI, which need "
+                "no model gradient inside the guide."
+            )
+
+    def model_log_density(self):
+        """``z -> log p(x, z)`` at the current call's arguments (set-up ones as a fallback)."""
+        call = self._call_args
+        if call is not None and _signature(*call) == self._setup_signature:
+            log_joint = self.flat_log_joint({}, *call)
+        else:
+            potential = self.flat_potential()
+
+            def log_joint(z):
+                return -potential(z)
+
+        def log_density(z):
+            with numpyro.handlers.block():  # the model's sites must not enter the guide's trace
+                return log_joint(z)
+
+        return log_density

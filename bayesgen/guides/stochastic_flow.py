@@ -35,12 +35,10 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 import numpyro
 from numpyro.distributions import constraints
 from numpyro.infer.initialization import init_to_median
 
-from bayesgen.errors import subsampled_plates
 from bayesgen.families.flows import build_flow
 from bayesgen.families.stochastic_flow import (
     StochasticNormalizingFlow,
@@ -52,15 +50,9 @@ from bayesgen.families.stochastic_flow import (
     monotone_schedule,
     stack_bijection_blocks,
 )
-from bayesgen.guides.base import PreconditionedGuide
+from bayesgen.guides.base import ModelDensityGuide
 
 SNF_FLOWS = ("realnvp", "affine", "none")
-
-
-def _signature(args, kwargs):
-    """Tree structure and leaf shapes of a call's arguments (is it the set-up's data layout?)."""
-    leaves, treedef = jax.tree.flatten((tuple(args), dict(kwargs)))
-    return treedef, tuple(np.shape(x) for x in leaves)
 
 
 def _positive_int(name, value, minimum=1):
@@ -69,7 +61,7 @@ def _positive_int(name, value, minimum=1):
         raise ValueError(f"{name} must be {kind}, got {value!r}")
 
 
-class AutoSNF(PreconditionedGuide):
+class AutoSNF(ModelDensityGuide):
     """Stochastic normalizing flow guide (Wu, Koehler & Noe, NeurIPS 2020).
 
     The family's ``log_prob`` is the path term ``log q(path) - log r(path | z)``: the loss of
@@ -213,68 +205,14 @@ class AutoSNF(PreconditionedGuide):
         self.score_clip = score_clip
         self.remat = bool(remat)
         self._flow_templates = None
-        self._call_args = None
-        self._setup_signature = None
         super().__init__(
             model, init_scale=init_scale, init_steps=init_steps, init_options=init_options,
             prefix=prefix, init_loc_fn=init_loc_fn, seed=seed,
         )
 
-    # --- the call's arguments: the model density the Langevin steps target -------------------
-    def __call__(self, *args, **kwargs):
-        previous = self._call_args
-        self._call_args = (args, kwargs)
-        try:
-            return super().__call__(*args, **kwargs)
-        finally:
-            self._call_args = previous
-
-    def _setup_prototype(self, *args, **kwargs):
-        self._setup_signature = _signature(args, kwargs)
-        super()._setup_prototype(*args, **kwargs)
-
     def _find_preconditioner(self, key):
-        self._check_model()  # before the (costly) pathfinder search
+        self.check_model_density()  # before the (costly) pathfinder search
         return super()._find_preconditioner(key)
-
-    def _check_model(self):
-        trace = self.prototype_trace
-        params = [name for name, site in trace.items() if site["type"] == "param"]
-        if params:
-            raise ValueError(
-                f"AutoSNF cannot fit a model with numpyro.param sites ({', '.join(params)}): "
-                "its Langevin steps evaluate the model's density inside the guide, where the "
-                "model's parameters are not reachable. Make them latent (numpyro.sample with a "
-                "prior) or fixed constants, or use AutoDDVI/AutoDBVI, which need no model "
-                "gradient inside the guide."
-            )
-        plates = subsampled_plates(trace)
-        if plates:
-            desc = ", ".join(f"'{n}' (size={size}, subsample_size={sub})"
-                             for n, (size, sub) in plates.items())
-            raise ValueError(
-                f"AutoSNF cannot fit a model with a subsampled plate ({desc}): its Langevin "
-                "steps target the model's density, and a minibatch estimate would make that "
-                "target random. Drop subsample_size (fit the full data), or use "
-                "AutoDDVI/AutoDBVI, which need no model gradient inside the guide."
-            )
-
-    def _log_density(self):
-        """``z -> log p(x, z)`` at the current call's arguments (set-up ones as a fallback)."""
-        call = self._call_args
-        if call is not None and _signature(*call) == self._setup_signature:
-            log_joint = self.flat_log_joint({}, *call)
-        else:
-            potential = self.flat_potential()
-
-            def log_joint(z):
-                return -potential(z)
-
-        def log_density(z):
-            with numpyro.handlers.block():  # the model's sites must not enter the guide's trace
-                return log_joint(z)
-
-        return log_density
 
     # --- set-up ---------------------------------------------------------------------------------
     def _dense_affine(self):
@@ -350,7 +288,7 @@ class AutoSNF(PreconditionedGuide):
             lambdas = linear_schedule(nb)
         pre_loc, pre_scale = self.preconditioner
         return StochasticNormalizingFlow(
-            self._log_density(), pre_loc, pre_scale, step_sizes=step_sizes, lambdas=lambdas,
+            self.model_log_density(), pre_loc, pre_scale, step_sizes=step_sizes, lambdas=lambdas,
             **layers, langevin_steps=self.langevin_steps, final_steps=self.final_steps,
             mala=self.mala, score_clip=self.score_clip, remat=self.remat,
         )

@@ -149,3 +149,27 @@ class ScoreNet(nnx.Module):
         feats = time_features(t, self.num_frequencies)
         feats = jnp.broadcast_to(feats, jnp.shape(u)[:-1] + feats.shape[-1:])
         return self.mlp(jnp.concatenate([u, feats], axis=-1))
+
+
+class ControlNet(nnx.Module):
+    """``c(u, g, t) = NN_1(u, t) + NN_2(t) * g``: a control from the state and its target score.
+
+    ``g`` is the (clipped) score of the target at ``u``; ``NN_2(t)`` scales it per coordinate
+    and time. Both last layers start at zero, so a family built on it starts uncontrolled
+    (the "PISGRAD" network of path-integral samplers, Zhang & Chen 2022, used by CMCD).
+    """
+
+    def __init__(self, dim: int, *, width: int, depth: int, rngs: nnx.Rngs,
+                 num_frequencies: int = 4, activation: Callable = jax.nn.gelu):
+        self.num_frequencies = num_frequencies
+        feats = 1 + 2 * num_frequencies
+        self.state = MLP(dim + feats, dim, width=width, depth=depth, rngs=rngs,
+                         activation=activation)
+        self.gain = MLP(feats, dim, width=width, depth=depth, rngs=rngs, activation=activation)
+        zero_last_layer(self.state)
+        zero_last_layer(self.gain)
+
+    def __call__(self, u, g, t):
+        feats = time_features(t, self.num_frequencies)
+        feats = jnp.broadcast_to(feats, jnp.shape(u)[:-1] + feats.shape[-1:])
+        return self.state(jnp.concatenate([u, feats], axis=-1)) + self.gain(feats) * g
