@@ -197,7 +197,8 @@ class ModelDensityGuide(PreconditionedGuide):
     so the model's sites stay out of the guide's trace. Where a call's arguments do not have
     the set-up's structure (``Predictive(model, guide=guide, ...)()`` without the data) it
     uses the set-up arguments: the draws are then from the posterior the guide was fitted to.
-    :meth:`check_model_density` refuses models whose density the guide cannot evaluate:
+    :meth:`check_model_density`, run at set-up before the (costly) pathfinder search, refuses
+    models whose density the guide cannot evaluate:
     ``numpyro.param`` sites (their values are not reachable from the guide) and subsampled
     plates (a minibatch density would make the target random).
     """
@@ -216,6 +217,10 @@ class ModelDensityGuide(PreconditionedGuide):
     def _setup_prototype(self, *args, **kwargs):
         self._setup_signature = _signature(args, kwargs)
         super()._setup_prototype(*args, **kwargs)
+
+    def _find_preconditioner(self, key):
+        self.check_model_density()  # before the (costly) pathfinder search
+        return super()._find_preconditioner(key)
 
     def check_model_density(self):
         """Raise if the model has ``numpyro.param`` sites or a subsampled plate."""

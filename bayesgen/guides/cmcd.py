@@ -101,10 +101,6 @@ class AutoCMCD(ModelDensityGuide):
             prefix=prefix, init_loc_fn=init_loc_fn, seed=seed,
         )
 
-    def _find_preconditioner(self, key):
-        self.check_model_density()  # before the (costly) pathfinder search
-        return super()._find_preconditioner(key)
-
     def _build(self, key):
         if not self.use_control:
             return

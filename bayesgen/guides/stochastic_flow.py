@@ -210,10 +210,6 @@ class AutoSNF(ModelDensityGuide):
             prefix=prefix, init_loc_fn=init_loc_fn, seed=seed,
         )
 
-    def _find_preconditioner(self, key):
-        self.check_model_density()  # before the (costly) pathfinder search
-        return super()._find_preconditioner(key)
-
     # --- set-up ---------------------------------------------------------------------------------
     def _dense_affine(self):
         return self.affine == "tril" or (self.affine == "auto" and self.latent_dim <= 256)
