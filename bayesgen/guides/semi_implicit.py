@@ -162,6 +162,13 @@ class AutoSIVI(PreconditionedGuide):
     def _family_kwargs(self):
         return {"num_mixing": self._num_mixing(), "reverse": self._reverse()}
 
+    def default_loss(self, num_particles: int = 1):
+        """:class:`~bayesgen.objectives.BatchedELBO`: the particles of a step share the K
+        fresh mixing draws (what :func:`bayesgen.fit` uses; ``Trace_ELBO`` also works)."""
+        from bayesgen.objectives import BatchedELBO
+
+        return BatchedELBO(num_particles)
+
     # --- the family -------------------------------------------------------------------------
     def _get_posterior(self):
         pre_loc, pre_scale = self.preconditioner
