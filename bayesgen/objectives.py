@@ -4,7 +4,7 @@
 drawn in one call of the family. For a SIVI family that shares one set of K fresh mixing
 draws among the particles (the authors' scheme), so a step costs K + S mixing-network passes
 where ``Trace_ELBO(S)`` pays S (K + 1); each particle's term is still the SIVI bound, so the
-loss is the same lower bound in expectation. It is AutoSIVI's and AutoUIVI's default loss.
+loss is the same lower bound in expectation. It is AutoSIVI's default loss.
 
 The score-based objectives below
 Both score-based objectives measure how far the family's score is from the target's, and both avoid

@@ -134,3 +134,4 @@ def test_batched_elbo_refuses_other_guides():
     with pytest.raises(ValueError, match="num_particles"):
         BatchedELBO(0)
     assert isinstance(AutoSIVI(model).default_loss(8), BatchedELBO)
+    assert isinstance(AutoUIVI(model).default_loss(8), Trace_ELBO)  # nothing to share there

@@ -164,7 +164,8 @@ class AutoSIVI(PreconditionedGuide):
 
     def default_loss(self, num_particles: int = 1):
         """:class:`~bayesgen.objectives.BatchedELBO`: the particles of a step share the K
-        fresh mixing draws (what :func:`bayesgen.fit` uses; ``Trace_ELBO`` also works)."""
+        fresh mixing draws (what :func:`bayesgen.fit` uses; ``Trace_ELBO`` also works, at
+        S (K + 1) network passes per step instead of K + S)."""
         from bayesgen.objectives import BatchedELBO
 
         return BatchedELBO(num_particles)
@@ -222,3 +223,10 @@ class AutoUIVI(AutoSIVI):
 
     def _family_kwargs(self):
         return {"num_mixing": self._num_mixing(), **self.hmc_options}
+
+    def default_loss(self, num_particles: int = 1):
+        """``Trace_ELBO``: UIVI's cost is the HMC chain of each draw, which a batched loss
+        cannot share (the K mixing draws only make the reported value)."""
+        from numpyro.infer import Trace_ELBO
+
+        return Trace_ELBO(num_particles=num_particles)
