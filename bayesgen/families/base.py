@@ -146,8 +146,10 @@ class WhitenedCoordinates:
         """``w = L0^{-1} (z - m0)``."""
         if self.precond_scale.ndim == 1:
             return (z - self.precond_loc) / self.precond_scale
-        r = (z - self.precond_loc).T
-        return jax.scipy.linalg.solve_triangular(self.precond_scale, r, lower=True).T
+        r = z - self.precond_loc  # (..., d): solve for all leading dims as columns at once
+        w = jax.scipy.linalg.solve_triangular(
+            self.precond_scale, jnp.reshape(r, (-1, r.shape[-1])).T, lower=True)
+        return jnp.reshape(w.T, r.shape)
 
     def whiten_score(self, score_z):
         """Score in z coordinates -> score in w coordinates (``L0^T s``)."""

@@ -30,9 +30,9 @@ Bound and weights
     (:class:`~bayesgen.families.stochastic_flow.StochasticNormalizingFlow` with one
     unadjusted step per block, no invertible layers and the control), which this family
     reuses: ``log_prob`` of a draw is ``log q(path) - log r(path | z)`` (a lower-bound
-    surrogate) and ``log_importance_density`` the same term. :meth:`reference_log_ratio` runs
-    the backward kernels from posterior draws, which gives the evidence upper bound
-    ``E_B[log w] >= log p(x)`` (needs exact posterior draws: benchmarks).
+    surrogate) and ``log_importance_density`` the same term. :meth:`reference_log_ratio` (the
+    stochastic flow's) runs the backward kernels from posterior draws, which gives the evidence
+    upper bound ``E_B[log w] >= log p(x)`` (needs exact posterior draws: benchmarks).
 
 Gradients are reparameterised through the start, the noise, the control and the model's
 score at every step (a model gradient forward and a Hessian-vector product backward per
@@ -42,15 +42,9 @@ step). Written here because no JAX library ships CMCD as a distribution; the ref
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
-import jax
-import jax.numpy as jnp
-import jax.random as jr
-
-from bayesgen.families.base import check_latent
-from bayesgen.families.stochastic_flow import StochasticNormalizingFlow, _log_std_normal
+from bayesgen.families.stochastic_flow import StochasticNormalizingFlow
 
 
 class ControlledMonteCarloDiffusion(StochasticNormalizingFlow):
@@ -86,36 +80,3 @@ class ControlledMonteCarloDiffusion(StochasticNormalizingFlow):
             langevin_steps=1, final_steps=0, mala=False, score_clip=score_clip, remat=remat,
             control=control, validate_args=validate_args,
         )
-
-    def _reverse_path(self, key, u_end):
-        """Backward kernels from ``u_end``: ``(u_0, log N(u_0; 0, I) - sum_b Delta S_b)``."""
-        noises = jr.normal(key, (self.num_blocks, self.latent_dim))
-        lp, g = self._target(u_end)
-
-        def step(carry, inputs):
-            y, g_y, log_q = carry
-            lam, eps, t, eta_back = inputs
-            sqrt_2eps = jnp.sqrt(2.0 * eps)
-            x = y + eps * self._drifts(y, g_y, lam, t)[1] + sqrt_2eps * eta_back
-            _, g_x = self._target(x)
-            eta = (y - x - eps * self._drifts(x, g_x, lam, t)[0]) / sqrt_2eps
-            delta_s = 0.5 * jnp.sum(eta * eta - eta_back * eta_back)
-            return (x, g_x, log_q - delta_s), None
-
-        inputs = (self.lambdas, self.step_sizes, self.block_times(), noises)
-        inputs = jax.tree.map(lambda a: a[::-1], inputs)
-        (u0, _, log_q), _ = jax.lax.scan(step, (u_end, g, jnp.zeros(())), inputs)
-        return u0, _log_std_normal(u0) + log_q
-
-    def reference_log_ratio(self, key, value):
-        """The path term on backward paths started at ``value`` (for the EUBO).
-
-        For ``z`` from the posterior, ``E[log p(x, z) - reference_log_ratio(z)] = log p(x) +
-        KL(B || F) >= log p(x)``.
-        """
-        check_latent(value, self.latent_dim)
-        shape = jnp.shape(value)[:-1]
-        flat = jnp.reshape(self.to_whitened(value), (-1, self.latent_dim))
-        keys = jr.split(key, max(math.prod(shape), 1))[: flat.shape[0]]
-        _, out = jax.vmap(self._reverse_path)(keys, flat)
-        return out.reshape(shape) - self._log_det_precond()

@@ -68,6 +68,25 @@ exact for *any* drift; the target score is therefore soft-clipped per coordinate
 ``c tanh(g / c)``, which limits a step where the target is very steep (the neck of a funnel)
 without biasing anything.
 
+Backward path and the evidence upper bound
+    :meth:`~StochasticNormalizingFlow.reference_log_ratio` runs the path the other way, from
+    a latent ``z`` (whitened) back to a start ``y_0``: the inverse of ``T``, the final steps,
+    then per block, last first, its K steps with the backward kernels ``q~_t`` (MALA: the
+    same MALA kernel at ``lambda_b``; Langevin: the step with the backward drift, the
+    energy's minus the control) and the inverse of ``f_b``, then the initial layer's inverse.
+    Its value is the forward surrogate of that path, ``log N(y_0; 0, I) - sum_t Delta S_t -
+    log|det L0|`` with the same Delta S (a layer's log|det| is minus its inverse's; final
+    MALA steps telescope to the same term): :meth:`~StochasticNormalizingFlow.reverse_path`
+    also returns the noises with which :meth:`~StochasticNormalizingFlow.path` retraces the
+    path forward, to the same value. With ``z`` from the posterior the backward path has law
+    ``B = p(z | x) prod_t q~_t``, and ``w = exp(log p(x, z) - it) = p(x) B / F`` with ``F``
+    the forward path law, so
+
+        E_B[log w] = log p(x) + KL(B || F) >= log p(x),    E_B[1 / w] = 1 / p(x):
+
+    the evidence upper bound (EUBO), for benchmarks with exact posterior draws. It needs
+    every layer as a :class:`Layer` with an inverse.
+
 References
 ----------
 Wu, Koehler & Noe, "Stochastic normalizing flows", NeurIPS 2020.
@@ -90,7 +109,12 @@ import jax.numpy as jnp
 import jax.random as jr
 import paramax
 
-from bayesgen.families.base import Family, PathSurrogate, WhitenedCoordinates
+from bayesgen.families.base import (
+    Family,
+    PathSurrogate,
+    WhitenedCoordinates,
+    check_latent,
+)
 
 _LOG_2PI = math.log(2.0 * math.pi)
 _MAX_SCORE = 1e12  # a MALA proposal whose score exceeds this (or overflows) is rejected
@@ -103,36 +127,90 @@ def _log_std_normal(u):
 # --------------------------------------------------------------------------- layers
 
 
-def affine_layer(loc, scale) -> Callable:
+class Layer:
+    """An invertible layer: ``layer(*params, u) -> (f(u), log|det df/du|)`` and
+    ``layer.inverse(*params, y) -> (f^{-1}(y), log|det df^{-1}/dy|)``.
+
+    ``params`` is empty for the initial and final layers and a block's slice of
+    ``block_params`` for a block layer. The family takes plain callables too (the forward
+    map only); those run forward but give no backward path
+    (:meth:`StochasticNormalizingFlow.reference_log_ratio`).
+    """
+
+    def __init__(self, forward: Callable, inverse: Callable | None = None):
+        self.forward = forward
+        self.inverse = inverse
+
+    def __call__(self, *args):
+        return self.forward(*args)
+
+    def bind(self, params) -> Layer:
+        """The layer with its parameters fixed: ``u -> self(params, u)``."""
+        inverse = None if self.inverse is None else (lambda y: self.inverse(params, y))
+        return Layer(lambda u: self.forward(params, u), inverse)
+
+
+def _inverse_of(layer) -> Callable | None:
+    """``layer.inverse``, or ``None`` for a plain callable."""
+    return getattr(layer, "inverse", None)
+
+
+def affine_layer(loc, scale) -> Layer:
     """``u -> (loc + scale u, log|det|)``: ``scale`` a (d,) vector or (d, d) lower triangular."""
+    diag = scale if scale.ndim == 1 else jnp.diagonal(scale)
+    log_det = jnp.sum(jnp.log(jnp.abs(diag)))
 
-    def layer(u):
+    def forward(u):
+        return loc + (scale * u if scale.ndim == 1 else scale @ u), log_det
+
+    def inverse(y):
         if scale.ndim == 1:
-            return loc + scale * u, jnp.sum(jnp.log(jnp.abs(scale)))
-        return loc + scale @ u, jnp.sum(jnp.log(jnp.abs(jnp.diagonal(scale))))
+            return (y - loc) / scale, -log_det
+        return jax.scipy.linalg.solve_triangular(scale, y - loc, lower=True), -log_det
 
-    return layer
+    return Layer(forward, inverse)
 
 
-def chain_layers(*layers) -> Callable | None:
-    """Compose layers ``u -> (f(u), log|det|)`` left to right (``None`` entries skipped)."""
+def chain_layers(*layers) -> Layer | None:
+    """Compose layers ``u -> (f(u), log|det|)`` left to right (``None`` entries skipped).
+
+    The chain is invertible when every layer is (:class:`Layer` with an inverse).
+    """
     layers = [f for f in layers if f is not None]
     if not layers:
         return None
 
-    def layer(u):
+    def forward(u):
         total = 0.0
         for f in layers:
             u, ld = f(u)
             total = total + ld
         return u, total
 
-    return layer
+    inverses = [_inverse_of(f) for f in reversed(layers)]
+    if any(f is None for f in inverses):
+        return Layer(forward)
+
+    def inverse(y):
+        total = 0.0
+        for f in inverses:
+            y, ld = f(y)
+            total = total + ld
+        return y, total
+
+    return Layer(forward, inverse)
 
 
-def elementwise_affine_block(params, u):
-    """Block layer ``u -> loc + scale * u`` for ``params = {"loc": (d,), "scale": (d,)}``."""
+def _elementwise_affine(params, u):
     return params["loc"] + params["scale"] * u, jnp.sum(jnp.log(jnp.abs(params["scale"])))
+
+
+def _elementwise_affine_inverse(params, y):
+    return (y - params["loc"]) / params["scale"], -jnp.sum(jnp.log(jnp.abs(params["scale"])))
+
+
+elementwise_affine_block = Layer(_elementwise_affine, _elementwise_affine_inverse)
+"""Block layer ``u -> loc + scale * u`` for ``params = {"loc": (d,), "scale": (d,)}``."""
 
 
 def stack_bijection_blocks(bijection, num_blocks: int):
@@ -155,14 +233,19 @@ def stack_bijection_blocks(bijection, num_blocks: int):
     return jax.tree.map(split, arrays), static
 
 
-def bijection_block(static) -> Callable:
-    """Block layer ``(arrays_b, u) -> (f_b(u), log|det|)`` for :func:`stack_bijection_blocks`."""
+def bijection_block(static) -> Layer:
+    """Block layer ``(arrays_b, u) -> (f_b(u), log|det|)`` for :func:`stack_bijection_blocks`.
 
-    def layer(arrays, u):
-        bij = paramax.unwrap(eqx.combine(arrays, static))
-        return bij.transform_and_log_det(u)
+    Its inverse is the bijection's (analytic for RealNVP couplings).
+    """
 
-    return layer
+    def forward(arrays, u):
+        return paramax.unwrap(eqx.combine(arrays, static)).transform_and_log_det(u)
+
+    def inverse(arrays, y):
+        return paramax.unwrap(eqx.combine(arrays, static)).inverse_and_log_det(y)
+
+    return Layer(forward, inverse)
 
 
 def linear_schedule(num_blocks: int):
@@ -201,6 +284,8 @@ class StochasticNormalizingFlow(PathSurrogate, Family, WhitenedCoordinates):
     final_layer : ``v -> (T(v), log|det dT/dv|)`` applied after the last block, or ``None``.
         The stochastic steps then run in its input coordinates on the target pulled back
         through it, ``-log p(x, z(T(v))) - log|det dT/dv|`` (module docstring).
+        Layers are :class:`Layer` objects or plain callables; the backward path
+        (:meth:`reference_log_ratio`) needs them all to be :class:`Layer` with an inverse.
     langevin_steps : K, stochastic steps per block (0 gives a plain flow, exact density).
     final_steps : F further steps on the posterior itself (``lambda = 1``, the last block's
         step size) after the last block. MALA steps there leave the path weight unchanged
@@ -320,13 +405,17 @@ class StochasticNormalizingFlow(PathSurrogate, Family, WhitenedCoordinates):
     def _drift(self, u, g, lam):
         return -(1.0 - lam) * u + lam * self._clip(g)
 
-    def _drifts(self, u, g, lam, t):
-        """``(forward drift, backward drift)`` at ``u``: the energy's, plus / minus the control."""
+    def _drifts(self, u, g, lam, t, reverse=False):
+        """``(forward drift, backward drift)`` at ``u``: the energy's, plus / minus the control.
+
+        ``reverse``: swapped, for a path run from its end (the backward kernel is then the
+        one taken and the forward kernel its reversal).
+        """
         drift = self._drift(u, g, lam)
         if self.control is None:
             return drift, drift
         c = self.control(u, self._clip(g), t)
-        return drift + c, drift - c
+        return (drift - c, drift + c) if reverse else (drift + c, drift - c)
 
     @staticmethod
     def _energy(u, lp, lam):
@@ -338,13 +427,21 @@ class StochasticNormalizingFlow(PathSurrogate, Family, WhitenedCoordinates):
 
     # --- one path -------------------------------------------------------------------------------
     def _langevin_steps(self, carry, lam, eps, noises, log_uniforms, differentiated=True,
-                        t=1.0):
+                        t=1.0, reverse=False):
+        """K steps from ``carry = (u, log target, its score, log_q, accepted)``.
+
+        Each step subtracts ``log k_back(y -> x) - log k_taken(x -> y)`` from ``log_q``, which
+        is the path's Delta S for a forward run and minus it for a ``reverse`` run (the
+        kernels swap roles; only the control's sign tells them apart). Also returns, per
+        step, the noise with which the other kernel proposes the way back and whether the
+        step was accepted (the randomness that retraces the step in the other direction).
+        """
         sqrt_2eps = jnp.sqrt(2.0 * eps)
 
         def step(carry, inputs):
             x, lp_x, g_x, log_q, n_acc = carry
             eta, log_unif = inputs
-            y = x + eps * self._drifts(x, g_x, lam, t)[0] + sqrt_2eps * eta
+            y = x + eps * self._drifts(x, g_x, lam, t, reverse)[0] + sqrt_2eps * eta
             ok = True
             if self.mala and differentiated:
                 # A proposal where the target or its score overflows is rejected, but
@@ -355,9 +452,10 @@ class StochasticNormalizingFlow(PathSurrogate, Family, WhitenedCoordinates):
                 ok = jnp.isfinite(lp_c) & jnp.all(jnp.abs(g_c) < _MAX_SCORE)
                 y = jnp.where(ok, y, x)
             lp_y, g_y = self._target(y)
-            eta_back = (x - y - eps * self._drifts(y, g_y, lam, t)[1]) / sqrt_2eps
+            eta_back = (x - y - eps * self._drifts(y, g_y, lam, t, reverse)[1]) / sqrt_2eps
             # log backward kernel - log forward kernel (the Gaussian normalisers cancel)
             delta_s = 0.5 * jnp.sum(eta * eta - eta_back * eta_back)
+            accept = True
             if self.mala:
                 e_x, e_y = self._energy(x, lp_x, lam), self._energy(y, lp_y, lam)
                 log_alpha = e_x - e_y + delta_s
@@ -370,32 +468,33 @@ class StochasticNormalizingFlow(PathSurrogate, Family, WhitenedCoordinates):
                 # detailed balance for exp(-u_lambda): backward / forward = e^{u(y) - u(x)}
                 delta_s = jnp.where(accept, e_y - e_x, 0.0)
                 n_acc = n_acc + accept
-            return (y, lp_y, g_y, log_q - delta_s, n_acc), None
+            return (y, lp_y, g_y, log_q - delta_s, n_acc), (eta_back, jnp.asarray(accept))
 
         if self.remat:
             step = jax.checkpoint(step)
-        carry, _ = jax.lax.scan(step, carry, (noises, log_uniforms))
-        return carry
+        return jax.lax.scan(step, carry, (noises, log_uniforms))
 
-    def _final_steps(self, carry, noises, log_uniforms):
-        """Steps on the posterior (lambda = 1) after the last block.
+    def _final_steps(self, carry, noises, log_uniforms, reverse=False):
+        """Steps on the posterior (lambda = 1) after the last block (``reverse``: before it).
 
         MALA steps there change the path term by exactly ``log pi(y_F) - log pi(y_0)`` (their
         Delta S telescope), so the loss ``-log pi(y_F) + surrogate`` does not depend on them:
         they run without gradients (forward cost only) and the term is added back with
         ``y_F`` held fixed and ``log pi(y_0)`` live, which gives the same value and the exact
         gradient. Langevin steps do not telescope and are differentiated like the others.
+        A MALA step is its own reversal, so a reverse run is the same code (from ``y_F`` to
+        ``y_0``, adding ``log pi(y_0) - log pi(y_F)``, minus the forward term).
         """
         eps = self.step_sizes[-1]
         if not self.mala:
-            return self._langevin_steps(carry, 1.0, eps, noises, log_uniforms)
+            return self._langevin_steps(carry, 1.0, eps, noises, log_uniforms, reverse=reverse)
         u0, lp0, g0, log_q, n_acc = carry
         frozen = jax.lax.stop_gradient((u0, lp0, g0, log_q, eps))
-        u, _, g, _, n_acc = self._langevin_steps(
+        (u, _, g, _, n_acc), retrace = self._langevin_steps(
             (*frozen[:4], n_acc), 1.0, frozen[4], noises, log_uniforms, differentiated=False)
         u, g = jax.lax.stop_gradient((u, g))
         lp = self._log_target(u)  # live in the parameters of a final layer, at a fixed point
-        return u, lp, g, log_q + lp - lp0, n_acc
+        return (u, lp, g, log_q + lp - lp0, n_acc), retrace
 
     def path(self, u0, noises, log_uniforms, final_noises=None, final_log_uniforms=None):
         """Run one path from explicit randomness, in whitened coordinates.
@@ -431,19 +530,116 @@ class StochasticNormalizingFlow(PathSurrogate, Family, WhitenedCoordinates):
                     lp, g = self._target(u)
             carry = (u, lp, g, log_q, n_acc)
             if self.langevin_steps:
-                carry = self._langevin_steps(carry, lam, eps, eta, log_unif, t=t)
+                carry, _ = self._langevin_steps(carry, lam, eps, eta, log_unif, t=t)
             return carry, None
 
         inputs = (self.block_params, self.lambdas, self.step_sizes, self.block_times(), noises,
                   log_uniforms)
         carry, _ = jax.lax.scan(block, carry, inputs)
         if self.final_steps:
-            carry = self._final_steps(carry, final_noises, final_log_uniforms)
+            carry, _ = self._final_steps(carry, final_noises, final_log_uniforms)
         u, _, _, log_q, n_acc = carry
         if self.final_layer is not None:
             u, ld = self.final_layer(u)
             log_q = log_q - ld
         return u, log_q, n_acc
+
+    def reverse_path(self, u_end, noises, log_uniforms, final_noises=None,
+                     final_log_uniforms=None):
+        """Run the backward kernels from ``u_end`` to a start, from explicit randomness.
+
+        The path of :meth:`path` in reverse: the final layer's inverse, the final steps, then
+        per block (last first) its K steps with the backward kernels and its layer's inverse,
+        then the initial layer's inverse. The arguments are the backward kernels' noises and
+        log-uniforms, shaped as :meth:`path`'s.
+
+        Returns
+        -------
+        ``(u_0, log N(u_0; 0, I) - sum_t Delta S_t, retrace)``: the path term is the same
+        function of the path as :meth:`path`'s, and ``path(u_0, *retrace)`` runs this path
+        forward (``retrace``: the forward kernels' noises, and log-uniforms ``-inf`` /
+        ``+inf`` where a MALA step moved / stayed).
+        """
+        self._check_invertible()
+        d = self.latent_dim
+        no_steps = (jnp.zeros((0, d)), jnp.zeros((0,), bool))
+        u, sum_ds = u_end, jnp.zeros(())
+        if self.final_layer is not None:
+            u, ld = self.final_layer.inverse(u)
+            sum_ds = sum_ds - ld  # the forward layer's log|det| is minus its inverse's
+        moves = self.langevin_steps or self.final_steps
+        lp, g = self._target(u) if moves else (jnp.zeros(()), jnp.zeros_like(u))
+        # the carry's log_q slot sums the path's Delta S (a reverse run of steps adds theirs)
+        carry = (u, lp, g, sum_ds, jnp.zeros((), jnp.int32))
+        final_retrace = no_steps
+        if self.final_steps:
+            carry, final_retrace = self._final_steps(carry, final_noises, final_log_uniforms,
+                                                     reverse=True)
+
+        def block(carry, inputs):
+            params, lam, eps, t, eta, log_unif = inputs
+            retrace = no_steps
+            if self.langevin_steps:
+                carry, retrace = self._langevin_steps(carry, lam, eps, eta, log_unif, t=t,
+                                                      reverse=True)
+            u, lp, g, sum_ds, n_acc = carry
+            if self.block_layer is not None:
+                u, ld = self.block_layer.inverse(params, u)
+                sum_ds = sum_ds - ld
+                if moves:
+                    lp, g = self._target(u)
+            return (u, lp, g, sum_ds, n_acc), retrace
+
+        inputs = (self.block_params, self.lambdas, self.step_sizes, self.block_times(), noises,
+                  log_uniforms)
+        carry, retrace = jax.lax.scan(block, carry, jax.tree.map(lambda a: a[::-1], inputs))
+        u, _, _, sum_ds, _ = carry
+        if self.initial_layer is not None:
+            u, ld = self.initial_layer.inverse(u)
+            sum_ds = sum_ds - ld
+
+        def forward_randomness(etas, accepted):
+            return etas, jnp.where(accepted, -jnp.inf, jnp.inf)
+
+        # the steps ran last first: flip blocks and steps back into forward order
+        retrace = forward_randomness(*jax.tree.map(lambda a: a[::-1, ::-1], retrace))
+        final_retrace = forward_randomness(*jax.tree.map(lambda a: a[::-1], final_retrace))
+        return u, _log_std_normal(u) - sum_ds, (*retrace, *final_retrace)
+
+    def _check_invertible(self):
+        for name in ("initial_layer", "block_layer", "final_layer"):
+            layer = getattr(self, name)
+            if layer is not None and _inverse_of(layer) is None:
+                raise NotImplementedError(
+                    f"the backward path needs the inverse of {name}; give it as a Layer with "
+                    "an inverse (affine_layer, chain_layers, bijection_block, "
+                    "elementwise_affine_block, Layer(forward, inverse))"
+                )
+
+    def _reverse_draw(self, key, u_end):
+        nb, k, f = self.num_blocks, self.langevin_steps, self.final_steps
+        k_noise, k_unif = jr.split(key)
+        noises = jr.normal(k_noise, (nb * k + f, self.latent_dim))
+        log_uniforms = jnp.log(jr.uniform(k_unif, (nb * k + f,)))
+        _, term, _ = self.reverse_path(
+            u_end, noises[: nb * k].reshape(nb, k, -1), log_uniforms[: nb * k].reshape(nb, k),
+            noises[nb * k:], log_uniforms[nb * k:])
+        return term
+
+    def reference_log_ratio(self, key, value):
+        """The path term on backward paths started at ``value`` (for the EUBO).
+
+        For ``z`` from the posterior, ``E[log p(x, z) - reference_log_ratio(z)] = log p(x) +
+        KL(B || F) >= log p(x)``, and ``E[exp(reference_log_ratio(z) - log p(x, z))] =
+        1 / p(x)`` (module docstring). ``value``: (..., d) latents; returns (...,).
+        """
+        check_latent(value, self.latent_dim)
+        self._check_invertible()
+        shape = jnp.shape(value)[:-1]
+        flat = jnp.reshape(self.to_whitened(value), (-1, self.latent_dim))
+        keys = jr.split(key, max(flat.shape[0], 1))[: flat.shape[0]]
+        term = jax.jit(jax.vmap(self._reverse_draw))(keys, flat)
+        return term.reshape(shape) - self._log_det_precond()
 
     def _draw(self, key, sample_shape):
         d, nb, k = self.latent_dim, self.num_blocks, self.langevin_steps

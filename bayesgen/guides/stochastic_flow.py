@@ -248,7 +248,7 @@ class AutoSNF(ModelDensityGuide):
                 return {"final_layer": affine}
             coupling = bijection_block(self._flow_templates[2])
             arrays = jax.tree.map(lambda a: a[0], self._flow_arrays())
-            return {"final_layer": chain_layers(lambda v: coupling(arrays, v), affine)}
+            return {"final_layer": chain_layers(coupling.bind(arrays), affine)}
         if self.flow == "affine":
             params = {
                 "loc": numpyro.param(f"{p}_block_loc", jnp.zeros((nb, d))),
