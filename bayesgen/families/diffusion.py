@@ -73,6 +73,20 @@ Zeng, 2025)
     to us (../shared/METHODS.md s. 6c); this is our construction from the method's
     description (learned start, Doob-bridged reference, conditional score).
 
+A learned invertible map at the end (``final_layer``)
+    Optionally the diffusion runs in the input coordinates of an invertible map ``T`` (an
+    affine map and RealNVP couplings, trained with the rest): ``z = m0 + L0 T(u_0)``. The
+    surrogate becomes the path term minus ``log|det dT/du_0|``, still a lower bound for
+    every ``T`` (a deterministic bijection of the path's end), and the reference process now
+    noises the posterior pulled back through ``T``. Where ``T`` is a good flow that pull-back
+    is close to N(0, I), which is what the OU reference and a score network of unit scale
+    handle well; where the posterior's scale varies over orders of magnitude (a funnel's
+    neck) the flow carries the scale and the diffusion the rest (the NeuTra idea, Hoffman et
+    al., 2019, as :mod:`bayesgen.families.stochastic_flow` uses it). Sticking-the-landing
+    applies to the network only: on path space the density of ``u_{N:0}`` does not depend
+    on ``T``'s parameters, so the log-determinant keeps its full (reparameterised) gradient;
+    freezing it too would drop a term whose mean is not zero.
+
 Honest diagnostics
     On path space the weight ``p(x, z) r(path | u_0) / q(path) = exp(log p(x, z) - surrogate)``
     is an exact importance weight (its expectation is p(x)), so ``log_importance_density``
@@ -237,6 +251,10 @@ class DenoisingDiffusion(PathSurrogate, Family, WhitenedCoordinates):
         loss value is unchanged; each step evaluates the network twice.
     remat : recompute each step in the backward pass (memory O(1) in the steps instead of
         O(N), about a third more compute).
+    final_layer : an invertible map ``u_0 -> (T(u_0), log|det dT/du_0|)`` applied at the end
+        of the path (module docstring), a
+        :class:`~bayesgen.families.stochastic_flow.Layer` (its inverse is needed for
+        :meth:`reference_log_ratio`); ``None`` for none.
     """
 
     density: ClassVar[str] = "lower_bound"
@@ -253,9 +271,11 @@ class DenoisingDiffusion(PathSurrogate, Family, WhitenedCoordinates):
         remat: bool = False,
         parameterization: str = "denoiser",
         frozen_network: Callable | None = None,
+        final_layer: Callable | None = None,
         validate_args=None,
     ):
         self.frozen_network = frozen_network
+        self.final_layer = final_layer
         if parameterization not in ("denoiser", "score"):
             raise ValueError(
                 f"parameterization must be 'denoiser' or 'score', got {parameterization!r}"
@@ -330,6 +350,9 @@ class DenoisingDiffusion(PathSurrogate, Family, WhitenedCoordinates):
         if self.bridged:
             signal = sched.signal_to_end[0]
             acc = acc + bridge_log_h(u0, signal, self.start_loc, self.start_scale)
+        if self.final_layer is not None:
+            v, log_det = self.final_layer(u0)
+            return v, acc - log_det
         return u0, acc
 
     # --- the reference direction (EUBO) -----------------------------------------------------
@@ -387,8 +410,23 @@ class DenoisingDiffusion(PathSurrogate, Family, WhitenedCoordinates):
         check_latent(value, self.latent_dim)
         flat = jnp.reshape(self.to_whitened(value), (-1, self.latent_dim))
         keys = jr.split(key, flat.shape[0])
-        out = jax.vmap(lambda k, u0: self._path_log_ratio(self._reference_path(k, u0)))(
-            keys, flat)
+        inverse = None
+        if self.final_layer is not None:
+            inverse = getattr(self.final_layer, "inverse", None)
+            if inverse is None:
+                raise NotImplementedError(
+                    "reference_log_ratio needs the inverse of final_layer; give it as a "
+                    "bayesgen.families.stochastic_flow.Layer with an inverse"
+                )
+
+        def one(k, v):
+            log_det_inv = 0.0
+            u0 = v
+            if inverse is not None:  # log q(v) = log q(u_0) + log|det dT^-1/dv|
+                u0, log_det_inv = inverse(v)
+            return self._path_log_ratio(self._reference_path(k, u0)) + log_det_inv
+
+        out = jax.vmap(one)(keys, flat)
         return out.reshape(jnp.shape(value)[:-1]) - self._log_det_precond()
 
     def sample_with_intermediates(self, key, sample_shape=()):

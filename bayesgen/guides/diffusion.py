@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpyro
@@ -23,10 +24,18 @@ from numpyro.distributions import constraints
 from numpyro.infer.initialization import init_to_median
 
 from bayesgen.families.diffusion import DenoisingDiffusion, log_snr_schedule
+from bayesgen.families.flows import build_flow
+from bayesgen.families.stochastic_flow import (
+    affine_layer,
+    bijection_block,
+    chain_layers,
+    stack_bijection_blocks,
+)
 from bayesgen.guides.base import PreconditionedGuide
 from bayesgen.nn import MLP, ScoreNet, nnx_param, zero_last_layer
 
 _VAR_BOUND = 5.0  # the learned log variance factor stays in [-5, 5]
+DIFFUSION_FLOWS = ("none", "affine", "realnvp")
 
 
 class AutoDDVI(PreconditionedGuide):
@@ -50,6 +59,14 @@ class AutoDDVI(PreconditionedGuide):
         then vanishes at the optimum). Costs a second network pass per step; with it off
         the gradient is the plain reparameterised one.
     remat : recompute the steps in the backward pass (memory O(1) in N).
+    flow : ``"none"`` (default), ``"affine"`` or ``"realnvp"``: run the diffusion in the input
+        coordinates of a learned invertible map ``T`` (a learned affine map, after
+        ``flow_layers`` RealNVP couplings for ``"realnvp"``), ``z = m0 + L0 T(u_0)``; the
+        bound stays a lower bound (:mod:`bayesgen.families.diffusion`). The flow starts at
+        the identity.
+    flow_layers : RealNVP couplings for ``flow="realnvp"`` (default 8; coupling networks of
+        width ``clip(2 d, 32, 256)`` and ``depth`` hidden layers). The affine map is dense up
+        to d = 256, diagonal above.
     init_scale, init_steps, init_options, prefix, init_loc_fn, seed :
         as :class:`~bayesgen.guides.base.PreconditionedGuide`.
     """
@@ -66,6 +83,8 @@ class AutoDDVI(PreconditionedGuide):
         learn_variance: bool = True,
         stick_the_landing: bool = True,
         remat: bool = False,
+        flow: str = "none",
+        flow_layers: int = 8,
         init_scale="pathfinder",
         init_steps: int = 100,
         init_options: dict | None = None,
@@ -77,6 +96,13 @@ class AutoDDVI(PreconditionedGuide):
             raise ValueError(f"hidden must be a positive int, got {hidden!r}")
         if not isinstance(depth, int) or depth < 0:
             raise ValueError(f"depth must be an int >= 0, got {depth!r}")
+        if flow not in DIFFUSION_FLOWS:
+            raise ValueError(f"flow must be one of {DIFFUSION_FLOWS}, got {flow!r}")
+        if not isinstance(flow_layers, int) or isinstance(flow_layers, bool) or flow_layers < 1:
+            raise ValueError(f"flow_layers must be a positive int, got {flow_layers!r}")
+        self.flow = flow
+        self.flow_layers = flow_layers
+        self._flow_templates = None
         self.schedule = log_snr_schedule(num_steps, log_snr_max, log_snr_min)  # validates
         self.learn_variance = bool(learn_variance)
         self.stick_the_landing = bool(stick_the_landing)
@@ -96,9 +122,44 @@ class AutoDDVI(PreconditionedGuide):
         out = 2 * d if self.learn_variance else d
         self._score_template = ScoreNet(d, out, width=width, depth=self.depth,
                                         rngs=nnx.Rngs(params=key))
+        if self.flow == "realnvp":
+            # built eagerly (flowjax modules cannot be built under jit); one block of couplings
+            template = build_flow("realnvp", jax.random.fold_in(key, 7), d,
+                                  num_layers=self.flow_layers,
+                                  hidden=int(min(256, max(32, 2 * d))), depth=self.depth)
+            arrays, static = stack_bijection_blocks(template, 1)
+            trainable, fixed = eqx.partition(arrays, eqx.is_inexact_array)
+            self._flow_templates = (trainable, fixed, static)
 
     def _start(self):
         return None, None
+
+    def _final_layer(self):
+        """The learned map ``T`` for ``flow`` (``None`` for ``"none"``)."""
+        if self.flow == "none":
+            return None
+        d, p = self.latent_dim, self.prefix
+        loc = numpyro.param(f"{p}_flow_loc", jnp.zeros(d))
+        if d <= 256:
+            scale = numpyro.param(f"{p}_flow_scale_tril", jnp.eye(d),
+                                  constraint=constraints.softplus_lower_cholesky)
+        else:
+            scale = numpyro.param(f"{p}_flow_scale", jnp.ones(d),
+                                  constraint=constraints.softplus_positive)
+        coupling_arrays = None
+        if self.flow == "realnvp":
+            trainable, fixed, static = self._flow_templates
+            if callable(trainable):  # numpyro treats a callable init value as lazy
+                trainable = numpyro.param(f"{p}_flow", lambda _: trainable)
+            else:
+                trainable = numpyro.param(f"{p}_flow", trainable)
+            coupling_arrays = jax.tree.map(lambda a: a[0], eqx.combine(trainable, fixed))
+            coupling = bijection_block(static)
+
+        affine = affine_layer(loc, scale)
+        if coupling_arrays is None:
+            return affine
+        return chain_layers(coupling.bind(coupling_arrays), affine)
 
     def _get_posterior(self):
         pre_loc, pre_scale = self.preconditioner
@@ -108,6 +169,7 @@ class AutoDDVI(PreconditionedGuide):
             self._split_outputs(net), pre_loc, pre_scale, self.schedule,
             start_loc=start_loc, start_scale=start_scale, remat=self.remat,
             frozen_network=self._split_outputs(frozen) if self.stick_the_landing else None,
+            final_layer=self._final_layer(),
         )
 
     def _split_outputs(self, net):
