@@ -29,7 +29,8 @@ WRONG_START = (jnp.asarray(POST_MEAN + 0.5 * _SD, jnp.float32), jnp.asarray(1.6 
 
 
 @pytest.mark.parametrize("guide_cls, options",
-                         [(AutoDDVI, {}), (AutoDBVI, {}), (AutoDDVI, {"flow": "affine"})],
+                         [(AutoDDVI, {}), (AutoDBVI, {}),
+                          pytest.param(AutoDDVI, {"flow": "affine"}, marks=pytest.mark.slow)],
                          ids=["AutoDDVI", "AutoDBVI", "AutoDDVI-affine"])
 def test_diffusion_guide_fits_conjugate_gaussian_from_a_wrong_start(guide_cls, options):
     guide = guide_cls(model, init_scale=WRONG_START, num_steps=16, **options)

@@ -111,7 +111,7 @@ def test_batched_elbo_has_the_expectation_of_trace_elbo(options):
     # move away from the start so the mixing network is not at its symmetric initial point
     params = jax.tree.map(lambda p: p + 0.02 * jr.normal(jr.key(1), jnp.shape(p)), params)
     batched, traced = BatchedELBO(4), Trace_ELBO(num_particles=4)
-    keys = jr.split(jr.key(2), 2000)
+    keys = jr.split(jr.key(2), 1000)
 
     def both(k):
         args = (params, _constrained_model, guide, y)
