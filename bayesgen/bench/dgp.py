@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bayesgen.datasets.uci import load_uci
+from bayesgen.errors import NonFiniteLossError
 from bayesgen.fit import default_optimizer, fit
 from bayesgen.models.deep_gp import AutoDSVI, DeepGP, deep_gp_predict, deep_gp_regression_metrics
 
@@ -97,7 +98,15 @@ def dgp_uci_study(datasets, layers=(2,), methods=METHODS, *, num_splits=None, lo
         for num_layers in layers:
             for split in splits:
                 for method in methods:
-                    row = run_dgp_split(dataset, split, num_layers, method, **options)
+                    try:
+                        row = run_dgp_split(dataset, split, num_layers, method, **options)
+                    except NonFiniteLossError as err:  # one diverged fit: count it, go on
+                        first = str(err).split(". ")[0]
+                        log(f"[bench-dgp] {dataset} L={num_layers} split {split} {method}: "
+                            f"FAILED ({first})")
+                        rows.append({"dataset": dataset, "split": split, "layers": num_layers,
+                                     "method": method, "failed": first})
+                        continue
                     log(f"[bench-dgp] {dataset} L={num_layers} split {split} {method}: "
                         f"RMSE {row['rmse']:.3f}, test LL {row['test_ll']:.3f}, "
                         f"{row['wall_s']:.0f} s")
@@ -106,19 +115,30 @@ def dgp_uci_study(datasets, layers=(2,), methods=METHODS, *, num_splits=None, lo
 
 
 def summarise(rows):
-    """Mean and standard error over splits per (dataset, layers, method)."""
+    """Mean and standard error over the finished splits per (dataset, layers, method).
+
+    Splits whose fit failed (rows with ``"failed"``) are counted in ``failed``, not averaged.
+    """
     groups = {}
     for r in rows:
         groups.setdefault((r["dataset"], r["layers"], r["method"]), []).append(r)
     out = []
-    for (dataset, layers, method), rs in groups.items():
+    for (dataset, layers, method), all_rs in groups.items():
+        rs = [r for r in all_rs if "failed" not in r]
+        failed = len(all_rs) - len(rs)
+        if not rs:
+            nan = (float("nan"), float("nan"))
+            out.append({"dataset": dataset, "layers": layers, "method": method, "splits": 0,
+                        "failed": failed, "rmse": nan, "test_ll": nan, "wall_s": float("nan")})
+            continue
+
         def mse(key, rs=rs):
             v = np.array([r[key] for r in rs])
             se = v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else float("nan")
             return float(v.mean()), float(se)
 
         out.append({"dataset": dataset, "layers": layers, "method": method, "splits": len(rs),
-                    "rmse": mse("rmse"), "test_ll": mse("test_ll"),
+                    "failed": failed, "rmse": mse("rmse"), "test_ll": mse("test_ll"),
                     "wall_s": float(np.mean([r["wall_s"] for r in rs]))})
     return out
 
@@ -127,8 +147,9 @@ def format_dgp_table(summary):
     lines = ["| dataset | layers | method | splits | test RMSE | test LL | fit s |",
              "|---|---|---|---|---|---|---|"]
     for s in summary:
+        splits = f"{s['splits']} ({s['failed']} failed)" if s.get("failed") else f"{s['splits']}"
         lines.append(
-            f"| {s['dataset']} | {s['layers']} | {s['method']} | {s['splits']} | "
+            f"| {s['dataset']} | {s['layers']} | {s['method']} | {splits} | "
             f"{s['rmse'][0]:.3f} ± {s['rmse'][1]:.3f} | {s['test_ll'][0]:.3f} ± "
             f"{s['test_ll'][1]:.3f} | {s['wall_s']:.0f} |")
     return "\n".join(lines)
