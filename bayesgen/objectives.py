@@ -57,7 +57,7 @@ import jax.random as jr
 import optax
 from numpyro.infer.elbo import ELBO
 
-from bayesgen.guides.base import PreconditionedGuide
+from bayesgen.guides.base import ModelDensityGuide, PreconditionedGuide
 
 __all__ = [
     "BatchedELBO",
@@ -333,6 +333,12 @@ class BatchedELBO(ELBO):
                 f"{name}: the guide {type(guide).__name__} has not been set up yet; run "
                 "svi.init(key, *args) (or the guide once) before evaluating the loss."
             )
+        if isinstance(guide, ModelDensityGuide):
+            raise TypeError(
+                f"{name} cannot train {type(guide).__name__}: its family evaluates the model "
+                "with the arguments of the guide's own call, which this loss does not make; "
+                "use numpyro's Trace_ELBO."
+            )
         if getattr(guide, "critic_site", None) or getattr(guide, "step_site", None):
             raise TypeError(
                 f"{name} cannot train {type(guide).__name__}, which keeps mutable state for its "
@@ -343,7 +349,6 @@ class BatchedELBO(ELBO):
         log_q = family.log_prob(z, intermediates)
         log_p = jax.vmap(guide.flat_log_joint(param_map, args, kwargs))(z)
         return {"loss": -jnp.mean(log_p - log_q), "mutable_state": None}
-
 
 
 class KernelSteinLoss(ELBO):

@@ -133,5 +133,10 @@ def test_batched_elbo_refuses_other_guides():
         svi.update(state, Y)
     with pytest.raises(ValueError, match="num_particles"):
         BatchedELBO(0)
+    snf = bayesgen.AutoSNF(model, init_scale=None, num_blocks=1)
+    svi = SVI(model, snf, optax.adam(1e-2), BatchedELBO(2))
+    state = svi.init(jr.key(0), Y)
+    with pytest.raises(TypeError, match="AutoSNF.*Trace_ELBO"):
+        svi.update(state, Y)
     assert isinstance(AutoSIVI(model).default_loss(8), BatchedELBO)
     assert isinstance(AutoUIVI(model).default_loss(8), Trace_ELBO)  # nothing to share there
