@@ -328,16 +328,16 @@ class BatchedELBO(ELBO):
                 f"got {getattr(type(guide), '__name__', repr(guide))}; use numpyro's Trace_ELBO "
                 "for other guides."
             )
-        if guide.prototype_trace is None:
-            raise RuntimeError(
-                f"{name}: the guide {type(guide).__name__} has not been set up yet; run "
-                "svi.init(key, *args) (or the guide once) before evaluating the loss."
-            )
         if isinstance(guide, ModelDensityGuide):
             raise TypeError(
                 f"{name} cannot train {type(guide).__name__}: its family evaluates the model "
                 "with the arguments of the guide's own call, which this loss does not make; "
                 "use numpyro's Trace_ELBO."
+            )
+        if guide.prototype_trace is None:
+            raise RuntimeError(
+                f"{name}: the guide {type(guide).__name__} has not been set up yet; run "
+                "svi.init(key, *args) (or the guide once) before evaluating the loss."
             )
         if getattr(guide, "critic_site", None) or getattr(guide, "step_site", None):
             raise TypeError(

@@ -325,7 +325,7 @@ def test_final_layer_exact_transport_closes_both_bounds_and_its_gradient_vanishe
     eubo = jax.vmap(_log_target)(exact) - fam.reference_log_ratio(jr.key(2), exact)
     np.testing.assert_allclose(eubo, LOG_Z, atol=2e-3)
 
-    n = 20_000
+    n = 5000
 
     def loss(p, k):
         # the scale is lower triangular (the guide's constraint); differentiate that part
