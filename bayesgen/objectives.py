@@ -274,15 +274,19 @@ def _not_semi_implicit(loss_name, guide):
     )
 
 
-def semi_implicit_family(loss_name, param_map, guide):
-    """The guide's semi-implicit family at ``param_map``; a clear error for other guides."""
-    if not isinstance(guide, PreconditionedGuide):
-        raise _not_semi_implicit(loss_name, guide)
+def _require_set_up(loss_name, guide):
     if guide.prototype_trace is None:
         raise RuntimeError(
             f"{loss_name}: the guide {type(guide).__name__} has not been set up yet; run "
             "svi.init(key, *args) (or the guide once) before evaluating the loss."
         )
+
+
+def semi_implicit_family(loss_name, param_map, guide):
+    """The guide's semi-implicit family at ``param_map``; a clear error for other guides."""
+    if not isinstance(guide, PreconditionedGuide):
+        raise _not_semi_implicit(loss_name, guide)
+    _require_set_up(loss_name, guide)
     family = guide.get_posterior(param_map)
     if not (hasattr(family, "sample_with_conditional_score") and hasattr(family, "whiten_score")):
         raise _not_semi_implicit(loss_name, guide)
@@ -334,11 +338,7 @@ class BatchedELBO(ELBO):
                 "with the arguments of the guide's own call, which this loss does not make; "
                 "use numpyro's Trace_ELBO."
             )
-        if guide.prototype_trace is None:
-            raise RuntimeError(
-                f"{name}: the guide {type(guide).__name__} has not been set up yet; run "
-                "svi.init(key, *args) (or the guide once) before evaluating the loss."
-            )
+        _require_set_up(name, guide)
         if getattr(guide, "critic_site", None) or getattr(guide, "step_site", None):
             raise TypeError(
                 f"{name} cannot train {type(guide).__name__}, which keeps mutable state for its "

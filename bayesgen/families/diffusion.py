@@ -122,6 +122,7 @@ import jax.numpy as jnp
 import jax.random as jr
 
 from bayesgen.families.base import Family, PathSurrogate, WhitenedCoordinates, check_latent
+from bayesgen.families.stochastic_flow import require_inverse
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -412,12 +413,7 @@ class DenoisingDiffusion(PathSurrogate, Family, WhitenedCoordinates):
         keys = jr.split(key, flat.shape[0])
         inverse = None
         if self.final_layer is not None:
-            inverse = getattr(self.final_layer, "inverse", None)
-            if inverse is None:
-                raise NotImplementedError(
-                    "reference_log_ratio needs the inverse of final_layer; give it as a "
-                    "bayesgen.families.stochastic_flow.Layer with an inverse"
-                )
+            inverse = require_inverse(self.final_layer, "final_layer")
 
         def one(k, v):
             log_det_inv = 0.0

@@ -155,6 +155,31 @@ def _inverse_of(layer) -> Callable | None:
     return getattr(layer, "inverse", None)
 
 
+def require_inverse(layer, name: str) -> Callable:
+    """``layer.inverse``; a ``TypeError`` naming ``name`` for a layer without one."""
+    inverse = _inverse_of(layer)
+    if inverse is None:
+        raise TypeError(
+            f"the backward path needs the inverse of {name}; give it as a Layer with an "
+            "inverse (affine_layer, chain_layers, bijection_block, elementwise_affine_block, "
+            "Layer(forward, inverse)), not a plain function"
+        )
+    return inverse
+
+
+def _compose(maps) -> Callable:
+    """``u -> (m_k(...m_1(u)), sum of their log|det|)`` for maps returning ``(value, log|det|)``."""
+
+    def composed(u):
+        total = 0.0
+        for f in maps:
+            u, ld = f(u)
+            total = total + ld
+        return u, total
+
+    return composed
+
+
 def affine_layer(loc, scale) -> Layer:
     """``u -> (loc + scale u, log|det|)``: ``scale`` a (d,) vector or (d, d) lower triangular."""
     diag = scale if scale.ndim == 1 else jnp.diagonal(scale)
@@ -180,25 +205,10 @@ def chain_layers(*layers) -> Layer | None:
     if not layers:
         return None
 
-    def forward(u):
-        total = 0.0
-        for f in layers:
-            u, ld = f(u)
-            total = total + ld
-        return u, total
-
     inverses = [_inverse_of(f) for f in reversed(layers)]
     if any(f is None for f in inverses):
-        return Layer(forward)
-
-    def inverse(y):
-        total = 0.0
-        for f in inverses:
-            y, ld = f(y)
-            total = total + ld
-        return y, total
-
-    return Layer(forward, inverse)
+        return Layer(_compose(layers))
+    return Layer(_compose(layers), _compose(inverses))
 
 
 def _elementwise_affine(params, u):
@@ -609,12 +619,8 @@ class StochasticNormalizingFlow(PathSurrogate, Family, WhitenedCoordinates):
     def _check_invertible(self):
         for name in ("initial_layer", "block_layer", "final_layer"):
             layer = getattr(self, name)
-            if layer is not None and _inverse_of(layer) is None:
-                raise NotImplementedError(
-                    f"the backward path needs the inverse of {name}; give it as a Layer with "
-                    "an inverse (affine_layer, chain_layers, bijection_block, "
-                    "elementwise_affine_block, Layer(forward, inverse))"
-                )
+            if layer is not None:
+                require_inverse(layer, name)
 
     def _reverse_draw(self, key, u_end):
         nb, k, f = self.num_blocks, self.langevin_steps, self.final_steps

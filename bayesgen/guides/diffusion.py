@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpyro
@@ -24,14 +23,13 @@ from numpyro.distributions import constraints
 from numpyro.infer.initialization import init_to_median
 
 from bayesgen.families.diffusion import DenoisingDiffusion, log_snr_schedule
-from bayesgen.families.flows import build_flow
-from bayesgen.families.stochastic_flow import (
-    affine_layer,
-    bijection_block,
-    chain_layers,
-    stack_bijection_blocks,
-)
+from bayesgen.families.stochastic_flow import bijection_block, chain_layers
 from bayesgen.guides.base import PreconditionedGuide
+from bayesgen.guides.stochastic_flow import (
+    coupling_templates,
+    learned_affine,
+    registered_coupling_arrays,
+)
 from bayesgen.nn import MLP, ScoreNet, nnx_param, zero_last_layer
 
 _VAR_BOUND = 5.0  # the learned log variance factor stays in [-5, 5]
@@ -123,13 +121,9 @@ class AutoDDVI(PreconditionedGuide):
         self._score_template = ScoreNet(d, out, width=width, depth=self.depth,
                                         rngs=nnx.Rngs(params=key))
         if self.flow == "realnvp":
-            # built eagerly (flowjax modules cannot be built under jit); one block of couplings
-            template = build_flow("realnvp", jax.random.fold_in(key, 7), d,
-                                  num_layers=self.flow_layers,
-                                  hidden=int(min(256, max(32, 2 * d))), depth=self.depth)
-            arrays, static = stack_bijection_blocks(template, 1)
-            trainable, fixed = eqx.partition(arrays, eqx.is_inexact_array)
-            self._flow_templates = (trainable, fixed, static)
+            self._flow_templates = coupling_templates(
+                jax.random.fold_in(key, 7), d, self.flow_layers, 1,
+                int(min(256, max(32, 2 * d))), self.depth)
 
     def _start(self):
         return None, None
@@ -139,27 +133,12 @@ class AutoDDVI(PreconditionedGuide):
         if self.flow == "none":
             return None
         d, p = self.latent_dim, self.prefix
-        loc = numpyro.param(f"{p}_flow_loc", jnp.zeros(d))
-        if d <= 256:
-            scale = numpyro.param(f"{p}_flow_scale_tril", jnp.eye(d),
-                                  constraint=constraints.softplus_lower_cholesky)
-        else:
-            scale = numpyro.param(f"{p}_flow_scale", jnp.ones(d),
-                                  constraint=constraints.softplus_positive)
-        coupling_arrays = None
-        if self.flow == "realnvp":
-            trainable, fixed, static = self._flow_templates
-            if callable(trainable):  # numpyro treats a callable init value as lazy
-                trainable = numpyro.param(f"{p}_flow", lambda _: trainable)
-            else:
-                trainable = numpyro.param(f"{p}_flow", trainable)
-            coupling_arrays = jax.tree.map(lambda a: a[0], eqx.combine(trainable, fixed))
-            coupling = bijection_block(static)
-
-        affine = affine_layer(loc, scale)
-        if coupling_arrays is None:
+        affine = learned_affine(f"{p}_flow", d, dense=d <= 256)
+        if self.flow == "affine":
             return affine
-        return chain_layers(coupling.bind(coupling_arrays), affine)
+        arrays = registered_coupling_arrays(f"{p}_flow", self._flow_templates)
+        coupling = bijection_block(self._flow_templates[2])
+        return chain_layers(coupling.bind(jax.tree.map(lambda a: a[0], arrays)), affine)
 
     def _get_posterior(self):
         pre_loc, pre_scale = self.preconditioner

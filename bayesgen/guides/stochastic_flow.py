@@ -61,6 +61,42 @@ def _positive_int(name, value, minimum=1):
         raise ValueError(f"{name} must be {kind}, got {value!r}")
 
 
+def coupling_templates(key, dim: int, num_layers: int, num_blocks: int, hidden: int,
+                       depth: int):
+    """RealNVP couplings for a flow family: ``(trainable, fixed, static)`` of ``num_blocks``
+    blocks of ``num_layers // num_blocks`` couplings that share a structure (one lax.scan).
+
+    Built eagerly: flowjax modules close over arrays, so they cannot be built under jit.
+    """
+    template = build_flow("realnvp", key, dim, num_layers=num_layers, hidden=hidden, depth=depth)
+    arrays, static = stack_bijection_blocks(template, num_blocks)
+    trainable, fixed = eqx.partition(arrays, eqx.is_inexact_array)
+    return trainable, fixed, static
+
+
+def registered_coupling_arrays(name: str, templates):
+    """The couplings' arrays with the trainable ones registered as the numpyro param ``name``."""
+    trainable, fixed, _ = templates
+    if callable(trainable):  # numpyro treats a callable init value as a lazy initialiser
+        trainable = numpyro.param(name, lambda _: trainable)
+    else:
+        trainable = numpyro.param(name, trainable)
+    return eqx.combine(trainable, fixed)
+
+
+def learned_affine(prefix: str, dim: int, dense: bool):
+    """The learned affine map ``u -> loc + scale u`` (identity at the start) as a layer:
+    params ``{prefix}_loc`` and ``{prefix}_scale_tril`` (dense) or ``{prefix}_scale``."""
+    loc = numpyro.param(f"{prefix}_loc", jnp.zeros(dim))
+    if dense:
+        scale = numpyro.param(f"{prefix}_scale_tril", jnp.eye(dim),
+                              constraint=constraints.softplus_lower_cholesky)
+    else:
+        scale = numpyro.param(f"{prefix}_scale", jnp.ones(dim),
+                              constraint=constraints.softplus_positive)
+    return affine_layer(loc, scale)
+
+
 class AutoSNF(ModelDensityGuide):
     """Stochastic normalizing flow guide (Wu, Koehler & Noe, NeurIPS 2020).
 
@@ -219,15 +255,10 @@ class AutoSNF(ModelDensityGuide):
             return
         d = self.latent_dim
         hidden = self.hidden or int(min(256, max(32, 2 * d)))
-        # Built eagerly (flowjax modules close over arrays, so they cannot be built under jit)
-        # as one stack of B * C couplings, then split into B blocks of C that share a structure
-        # and run in one lax.scan.
-        template = build_flow("realnvp", key, d, num_layers=self.num_blocks * self.coupling_layers,
-                              hidden=hidden, depth=self.depth)
+        # one stack of B * C couplings, split into B blocks of C (one block in the latent layout)
         nb = self.num_blocks if self.langevin_space == "interleaved" else 1
-        arrays, static = stack_bijection_blocks(template, nb)
-        trainable, fixed = eqx.partition(arrays, eqx.is_inexact_array)
-        self._flow_templates = (trainable, fixed, static)
+        self._flow_templates = coupling_templates(
+            key, d, self.num_blocks * self.coupling_layers, nb, hidden, self.depth)
 
     # --- the family -------------------------------------------------------------------------------
     def _layers(self):
@@ -235,14 +266,7 @@ class AutoSNF(ModelDensityGuide):
         d, nb, p = self.latent_dim, self.num_blocks, self.prefix
         if self.flow == "none":
             return {}
-        loc = numpyro.param(f"{p}_loc", jnp.zeros(d))
-        if self._dense_affine():
-            scale = numpyro.param(f"{p}_scale_tril", jnp.eye(d),
-                                  constraint=constraints.softplus_lower_cholesky)
-        else:
-            scale = numpyro.param(f"{p}_scale", jnp.ones(d),
-                                  constraint=constraints.softplus_positive)
-        affine = affine_layer(loc, scale)
+        affine = learned_affine(p, d, self._dense_affine())
         if self.langevin_space == "latent":
             if self.flow == "affine":
                 return {"final_layer": affine}
@@ -262,12 +286,7 @@ class AutoSNF(ModelDensityGuide):
 
     def _flow_arrays(self):
         """The couplings' arrays with the trainable ones registered as ``{prefix}_flow``."""
-        trainable, fixed, _ = self._flow_templates
-        if callable(trainable):  # numpyro treats a callable init value as a lazy initialiser
-            trainable = numpyro.param(f"{self.prefix}_flow", lambda _: trainable)
-        else:
-            trainable = numpyro.param(f"{self.prefix}_flow", trainable)
-        return eqx.combine(trainable, fixed)
+        return registered_coupling_arrays(f"{self.prefix}_flow", self._flow_templates)
 
     def _get_posterior(self):
         d, nb = self.latent_dim, self.num_blocks
