@@ -27,6 +27,7 @@ WRONG_START = (jnp.asarray(POST_MEAN + 0.5 * _SD, jnp.float32), jnp.asarray(1.6 
 NUM_DRAWS = 20_000
 
 
+@pytest.mark.slow
 def test_cmcd_fits_conjugate_gaussian_from_a_wrong_start():
     steps, lr = 1500, 3e-3
     guide = AutoCMCD(model, init_scale=WRONG_START, num_steps=16, step_size=0.1)

@@ -75,7 +75,15 @@ def fit(guide, *, steps=STEPS, lr=LR, particles=PARTICLES, seed=0):
     return result
 
 
-@pytest.mark.parametrize("guide_cls", GUIDES, ids=lambda c: c.__name__)
+# the default suite fits the three flows the bench leans on; the others run with -m slow
+_SLOW_FITS = (AutoBNAF, AutoPlanarFlow, AutoRadialFlow)
+
+
+@pytest.mark.parametrize(
+    "guide_cls",
+    [pytest.param(g, marks=pytest.mark.slow) if g in _SLOW_FITS else g for g in GUIDES],
+    ids=lambda c: c.__name__,
+)
 def test_flow_guide_fits_conjugate_gaussian_posterior(guide_cls):
     guide = guide_cls(model)
     result = fit(guide)

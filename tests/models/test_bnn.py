@@ -128,6 +128,7 @@ def test_guides_set_up_on_full_data_train_on_minibatches(guide_name):
     assert draws["w1"].shape == (5, 5, 4) and np.all(np.asarray(draws["noise"]) > 0)
 
 
+@pytest.mark.slow
 def test_guides_also_accept_the_subsampled_model_directly():
     """Set up on the minibatch model itself, a bayesgen guide still works (numpyro's
     initialisation seeds the plate) but its pathfinder potential is then one fixed
