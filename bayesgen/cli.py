@@ -213,6 +213,8 @@ def dgp_main(argv):
     p.add_argument("--layers", type=lambda t: [int(v) for v in _csv(t)], default=[2])
     p.add_argument("--methods", type=_csv, default=list(METHODS))
     p.add_argument("--splits", type=int, default=None, help="first N splits (default all)")
+    p.add_argument("--split-ids", type=lambda t: [int(v) for v in _csv(t)], default=None,
+                   help="comma-separated split indices to run instead of the first N")
     p.add_argument("--steps", type=int, default=5000)
     p.add_argument("--lr", type=float, default=None, help="default: per method")
     p.add_argument("--batch", type=int, default=256)
@@ -222,7 +224,8 @@ def dgp_main(argv):
     p.add_argument("--out", default="outputs/bench-dgp")
     a = p.parse_args(argv)
     t0 = time.time()
-    rows = dgp_uci_study(a.datasets, a.layers, a.methods, num_splits=a.splits, steps=a.steps,
+    rows = dgp_uci_study(a.datasets, a.layers, a.methods, num_splits=a.splits,
+                         split_ids=a.split_ids, steps=a.steps,
                          learning_rate=a.lr, batch_size=a.batch, num_inducing=a.inducing,
                          num_samples=a.samples, seed=a.seed)
     table = format_dgp_table(summarise(rows))

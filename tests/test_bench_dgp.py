@@ -28,3 +28,20 @@ def test_a_diverged_split_is_counted_not_averaged_and_the_study_goes_on(monkeypa
     assert not math.isnan(summary["dbvi"]["rmse"][1])
     table = dgp.format_dgp_table(dgp.summarise(rows))
     assert "| 2 (1 failed) |" in table
+
+
+def test_split_ids_run_the_listed_splits_and_bad_ones_are_named(monkeypatch):
+    ran = []
+
+    def fake_split(dataset, split, num_layers, method, **options):
+        ran.append(split)
+        return {"dataset": dataset, "split": split, "layers": num_layers, "method": method,
+                "rmse": 1.0, "test_ll": -1.0, "final_loss": 0.0, "wall_s": 1.0}
+
+    monkeypatch.setattr(dgp, "run_dgp_split", fake_split)
+    dgp.dgp_uci_study(["yacht"], (2,), ("ddvi",), split_ids=[3, 2], log=lambda _: None)
+    assert ran == [3, 2]
+    with pytest.raises(ValueError, match=r"split_ids \[20\] are out of range for yacht"):
+        dgp.dgp_uci_study(["yacht"], (2,), ("ddvi",), split_ids=[20], log=lambda _: None)
+    with pytest.raises(ValueError, match="not both"):
+        dgp.dgp_uci_study(["yacht"], (2,), ("ddvi",), num_splits=2, split_ids=[1])

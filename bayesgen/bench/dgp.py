@@ -83,18 +83,31 @@ def run_dgp_split(dataset, split, num_layers, method, *, steps=5000, learning_ra
             "wall_s": wall}
 
 
-def dgp_uci_study(datasets, layers=(2,), methods=METHODS, *, num_splits=None, log=print,
-                  **options):
-    """Every method, depth and split; returns the per-split rows."""
+def dgp_uci_study(datasets, layers=(2,), methods=METHODS, *, num_splits=None, split_ids=None,
+                  log=print, **options):
+    """Every method, depth and split; returns the per-split rows.
+
+    ``num_splits`` runs the first N splits of each dataset (default all); ``split_ids`` runs
+    the listed split indices instead (to finish or share out a study), not both.
+    """
     from bayesgen.datasets.uci import uci_splits
 
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r}; available: {', '.join(METHODS)}")
+    if num_splits is not None and split_ids is not None:
+        raise ValueError("pass num_splits (the first N splits) or split_ids, not both")
     rows = []
     for dataset in datasets:
         total = len(uci_splits(dataset))
-        splits = range(total if num_splits is None else min(num_splits, total))
+        if split_ids is not None:
+            bad = [i for i in split_ids if not 0 <= int(i) < total]
+            if bad:
+                raise ValueError(f"split_ids {bad} are out of range for {dataset}, which has "
+                                 f"splits 0..{total - 1}")
+            splits = [int(i) for i in split_ids]
+        else:
+            splits = range(total if num_splits is None else min(num_splits, total))
         for num_layers in layers:
             for split in splits:
                 for method in methods:
