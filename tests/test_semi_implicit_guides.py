@@ -28,7 +28,8 @@ NUM_DRAWS = 20_000  # Monte Carlo error of the mean 0.007 sd, of the sd 0.5%
 
 @pytest.mark.parametrize(
     "guide_cls, options, loss_cls",
-    [(AutoSIVI, {"num_mixing": 100}, Trace_ELBO), pytest.param(AutoUIVI, {"num_mixing": 32}, Trace_ELBO, marks=pytest.mark.slow),
+    [(AutoSIVI, {"num_mixing": 100}, Trace_ELBO),
+     pytest.param(AutoUIVI, {"num_mixing": 32}, Trace_ELBO, marks=pytest.mark.slow),
      pytest.param(AutoSIVI, {"num_mixing": 20, "reverse_model": True}, Trace_ELBO,
                   marks=pytest.mark.slow),
      pytest.param(AutoSIVI, {}, BatchedELBO, marks=pytest.mark.slow)],
