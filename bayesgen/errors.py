@@ -5,6 +5,9 @@ refuses the structures that bayesgen's guides cannot fit: discrete latent sites,
 sites inside a subsampled plate, and models without any latent site. Each message names
 the offending site (and plate) and says what to change.
 
+:func:`check_int` is the argument check the guides share for integer settings (widths,
+depths, counts): a bool is not an int here, and the message names the argument.
+
 :class:`NonFiniteLossError` is raised by :func:`bayesgen.fit` when the loss stops being
 finite; it carries the 1-based step and the sites and parameters found to be nonfinite.
 """
@@ -21,11 +24,23 @@ from numpyro.infer.initialization import init_to_sample
 __all__ = [
     "ModelStructureError",
     "NonFiniteLossError",
+    "check_int",
     "check_model",
     "latent_layout",
     "subsampled_plates",
     "trace_model",
 ]
+
+
+def check_int(name: str, value, *, minimum: int = 1, allow_none: bool = False) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is an int ``>= minimum``
+    (``None`` passes when ``allow_none``; ``True``/``False`` never do)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+        what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{name} must be {what}{' or None' if allow_none else ''}, "
+                         f"got {value!r}")
 
 
 class ModelStructureError(ValueError):

@@ -268,3 +268,17 @@ def test_nonfinite_gradient_names_params():
     with pytest.raises(NonFiniteLossError, match="gradient") as info:
         fit(kink, guide, steps=300, optimizer=optax.adam(0.05), progress_bar=False)
     assert "x_auto_loc" in str(info.value) and info.value.step > 1
+
+
+def test_check_int_names_the_argument_and_refuses_bools():
+    from bayesgen.errors import check_int
+
+    check_int("depth", 0, minimum=0)
+    check_int("hidden", None, allow_none=True)
+    check_int("width", np.int64(3))
+    with pytest.raises(ValueError, match=r"depth must be an int >= 0, got True"):
+        check_int("depth", True, minimum=0)
+    with pytest.raises(ValueError, match=r"hidden must be a positive int, got None"):
+        check_int("hidden", None)
+    with pytest.raises(ValueError, match=r"num_mixing must be an int >= 0 or None, got 2.5"):
+        check_int("num_mixing", 2.5, minimum=0, allow_none=True)

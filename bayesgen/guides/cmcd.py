@@ -19,6 +19,7 @@ from flax import nnx
 from numpyro.distributions import constraints
 from numpyro.infer.initialization import init_to_median
 
+from bayesgen.errors import check_int
 from bayesgen.families.cmcd import ControlledMonteCarloDiffusion
 from bayesgen.families.stochastic_flow import linear_schedule, monotone_schedule
 from bayesgen.guides.base import ModelDensityGuide
@@ -73,11 +74,9 @@ class AutoCMCD(ModelDensityGuide):
         init_loc_fn=init_to_median,
         seed: int = 0,
     ):
-        for name, value, minimum in (("num_steps", num_steps, 1), ("depth", depth, 0)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-        if hidden is not None and (not isinstance(hidden, int) or hidden < 1):
-            raise ValueError(f"hidden must be a positive int, got {hidden!r}")
+        check_int("num_steps", num_steps)
+        check_int("depth", depth, minimum=0)
+        check_int("hidden", hidden, allow_none=True)
         if not (isinstance(step_size, int | float) and math.isfinite(step_size)
                 and step_size > 0):
             raise ValueError(f"step_size must be a positive number, got {step_size!r}")

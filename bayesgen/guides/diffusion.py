@@ -22,6 +22,7 @@ from flax import nnx
 from numpyro.distributions import constraints
 from numpyro.infer.initialization import init_to_median
 
+from bayesgen.errors import check_int
 from bayesgen.families.diffusion import DenoisingDiffusion, log_snr_schedule
 from bayesgen.families.stochastic_flow import bijection_block, chain_layers
 from bayesgen.guides.base import PreconditionedGuide
@@ -90,10 +91,8 @@ class AutoDDVI(PreconditionedGuide):
         init_loc_fn=init_to_median,
         seed: int = 0,
     ):
-        if hidden is not None and (not isinstance(hidden, int) or hidden < 1):
-            raise ValueError(f"hidden must be a positive int, got {hidden!r}")
-        if not isinstance(depth, int) or depth < 0:
-            raise ValueError(f"depth must be an int >= 0, got {depth!r}")
+        check_int("hidden", hidden, allow_none=True)
+        check_int("depth", depth, minimum=0)
         if flow not in DIFFUSION_FLOWS:
             raise ValueError(f"flow must be one of {DIFFUSION_FLOWS}, got {flow!r}")
         if not isinstance(flow_layers, int) or isinstance(flow_layers, bool) or flow_layers < 1:

@@ -87,6 +87,7 @@ from jax.flatten_util import ravel_pytree
 from numpyro.distributions import biject_to, constraints
 from numpyro.infer.initialization import init_to_median
 
+from bayesgen.errors import check_int
 from bayesgen.families.implicit import (
     ENTROPY_METHODS,
     LinearisedImplicit,
@@ -193,16 +194,13 @@ class AutoLIVI(PreconditionedGuide):
                 f"hidden must be a positive int (or a (rows, cols) pair for the matrix "
                 f"generator), got {hidden!r}"
             )
-        if depth is not None and (not isinstance(depth, int) or isinstance(depth, bool)
-                                  or depth < 0):
-            raise ValueError(f"depth must be an int >= 0, got {depth!r}")
+        check_int("depth", depth, minimum=0, allow_none=True)
         if not (isinstance(output_noise, int | float) and not isinstance(output_noise, bool)
                 and output_noise > 0):
             raise ValueError(f"output_noise must be a positive float, got {output_noise!r}")
         if entropy not in ENTROPY_METHODS:
             raise ValueError(f"entropy must be one of {ENTROPY_METHODS}, got {entropy!r}")
-        if not _is_pos_int(num_iterations):
-            raise ValueError(f"num_iterations must be a positive int, got {num_iterations!r}")
+        check_int("num_iterations", num_iterations)
         self._init_scale_request = init_scale
         if isinstance(init_scale, str):
             if init_scale not in ("auto", "pathfinder", "prior"):

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 from numpyro.infer.initialization import init_to_median
 
+from bayesgen.errors import check_int
 from bayesgen.families.semi_implicit import SemiImplicit, UnbiasedSemiImplicit
 from bayesgen.guides.base import PreconditionedGuide
 from bayesgen.nn import MLP, nnx_param, rescale_output, zero_last_layer
@@ -71,13 +72,10 @@ class AutoSIVI(PreconditionedGuide):
         init_loc_fn=init_to_median,
         seed: int = 0,
     ):
-        for name, val in (("noise_dim", noise_dim), ("hidden", hidden)):
-            if val is not None and (not isinstance(val, int) or val < 1):
-                raise ValueError(f"{name} must be a positive int, got {val!r}")
-        if not isinstance(depth, int) or depth < 0:
-            raise ValueError(f"depth must be an int >= 0, got {depth!r}")
-        if num_mixing is not None and (not isinstance(num_mixing, int) or num_mixing < 0):
-            raise ValueError(f"num_mixing must be an int >= 0 or None, got {num_mixing!r}")
+        check_int("noise_dim", noise_dim, allow_none=True)
+        check_int("hidden", hidden, allow_none=True)
+        check_int("depth", depth, minimum=0)
+        check_int("num_mixing", num_mixing, minimum=0, allow_none=True)
         if conditional_scale not in ("mixing", "global"):
             raise ValueError(
                 f"conditional_scale must be 'mixing' or 'global', got {conditional_scale!r}"
