@@ -202,7 +202,7 @@ def nuts_main(argv):
 
 
 def dgp_main(argv):
-    from bayesgen.bench.dgp import METHODS, dgp_uci_study, format_dgp_table, summarise
+    from bayesgen.bench.dgp import METHODS, dgp_uci_study, format_dgp_table, read_rows, summarise
 
     p = argparse.ArgumentParser(
         prog="bayesgen bench-dgp",
@@ -221,15 +221,26 @@ def dgp_main(argv):
     p.add_argument("--inducing", type=int, default=100)
     p.add_argument("--samples", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="outputs/bench-dgp")
+    p.add_argument("--out", default="outputs/bench-dgp",
+                   help="folder for results.md, results.json and rows.jsonl (one row a fit, "
+                   "written as each fit ends)")
+    p.add_argument("--resume", action="store_true",
+                   help="skip the fits already in OUT/rows.jsonl with the same settings")
+    p.add_argument("--from-rows", nargs="+", default=None, metavar="ROWS_JSONL",
+                   help="fit nothing: summarise these row logs (e.g. of runs that shared out "
+                   "the splits) into one table")
     a = p.parse_args(argv)
     t0 = time.time()
-    rows = dgp_uci_study(a.datasets, a.layers, a.methods, num_splits=a.splits,
-                         split_ids=a.split_ids, steps=a.steps,
-                         learning_rate=a.lr, batch_size=a.batch, num_inducing=a.inducing,
-                         num_samples=a.samples, seed=a.seed)
-    table = format_dgp_table(summarise(rows))
     os.makedirs(a.out, exist_ok=True)
+    if a.from_rows:
+        rows = read_rows(a.from_rows)
+    else:
+        rows = dgp_uci_study(a.datasets, a.layers, a.methods, num_splits=a.splits,
+                             split_ids=a.split_ids, steps=a.steps,
+                             learning_rate=a.lr, batch_size=a.batch, num_inducing=a.inducing,
+                             num_samples=a.samples, seed=a.seed,
+                             rows_path=os.path.join(a.out, "rows.jsonl"), resume=a.resume)
+    table = format_dgp_table(summarise(rows))
     command = "bayesgen bench-dgp " + " ".join(argv)
     with open(os.path.join(a.out, "results.md"), "w") as f:
         f.write(f"# bayesgen bench-dgp\n\nCommand: `{command}`\n\n{table}\n")

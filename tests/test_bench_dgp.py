@@ -14,7 +14,8 @@ def test_a_diverged_split_is_counted_not_averaged_and_the_study_goes_on(monkeypa
         if method == "dbvi" and split == 1:
             raise NonFiniteLossError("The loss became nonfinite at step 7. Details follow", step=7)
         return {"dataset": dataset, "split": split, "layers": num_layers, "method": method,
-                "rmse": 1.0 + split, "test_ll": -1.0 - split, "final_loss": 0.0, "wall_s": 1.0}
+                "rmse": 1.0 + split, "test_ll": -1.0 - split, "final_loss": 0.0, "wall_s": 1.0,
+                **dgp.run_settings(method, **options)}
 
     monkeypatch.setattr(dgp, "run_dgp_split", fake_split)
     logs = []
@@ -27,7 +28,7 @@ def test_a_diverged_split_is_counted_not_averaged_and_the_study_goes_on(monkeypa
     assert summary["dbvi"]["rmse"][0] == pytest.approx(2.0)  # splits 0 and 2 only
     assert not math.isnan(summary["dbvi"]["rmse"][1])
     table = dgp.format_dgp_table(dgp.summarise(rows))
-    assert "| 2 (1 failed) |" in table
+    assert "| 5000 | 0.001 | 2 (1 failed) |" in table
 
 
 def test_split_ids_run_the_listed_splits_and_bad_ones_are_named(monkeypatch):
@@ -45,3 +46,55 @@ def test_split_ids_run_the_listed_splits_and_bad_ones_are_named(monkeypatch):
         dgp.dgp_uci_study(["yacht"], (2,), ("ddvi",), split_ids=[20], log=lambda _: None)
     with pytest.raises(ValueError, match="not both"):
         dgp.dgp_uci_study(["yacht"], (2,), ("ddvi",), num_splits=2, split_ids=[1])
+
+
+def _fake_rows(ran):
+    def fake_split(dataset, split, num_layers, method, **options):
+        ran.append((method, split))
+        return {"dataset": dataset, "split": split, "layers": num_layers, "method": method,
+                "rmse": 1.0 + split, "test_ll": -1.0 - split, "final_loss": 0.0, "wall_s": 1.0,
+                **dgp.run_settings(method, **options)}
+    return fake_split
+
+
+def test_rows_are_logged_as_they_end_and_resume_skips_the_finished_fits(monkeypatch, tmp_path):
+    ran = []
+    monkeypatch.setattr(dgp, "run_dgp_split", _fake_rows(ran))
+    log = tmp_path / "rows.jsonl"
+    dgp.dgp_uci_study(["yacht"], (2,), ("ddvi",), split_ids=[0, 1], rows_path=str(log),
+                      log=lambda _: None, steps=100)
+    assert len(log.read_text().splitlines()) == 2
+    ran.clear()
+    rows = dgp.dgp_uci_study(["yacht"], (2,), ("ddvi", "dsvi"), split_ids=[0, 1, 2],
+                             rows_path=str(log), resume=True, log=lambda _: None, steps=100)
+    # the two ddvi fits come from the log; the rest run and are appended
+    assert ran == [("dsvi", 0), ("dsvi", 1), ("ddvi", 2), ("dsvi", 2)]
+    assert len(rows) == 6 and len(log.read_text().splitlines()) == 6
+    # other settings are other fits: nothing is skipped
+    ran.clear()
+    dgp.dgp_uci_study(["yacht"], (2,), ("ddvi",), split_ids=[0], rows_path=str(log),
+                      resume=True, log=lambda _: None, steps=200)
+    assert ran == [("ddvi", 0)]
+    with pytest.raises(ValueError, match="needs rows_path"):
+        dgp.dgp_uci_study(["yacht"], (2,), ("ddvi",), split_ids=[0], resume=True)
+
+
+def test_row_logs_of_shared_out_splits_merge_into_one_table(monkeypatch, tmp_path):
+    monkeypatch.setattr(dgp, "run_dgp_split", _fake_rows([]))
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    dgp.dgp_uci_study(["yacht"], (2,), ("ddvi",), split_ids=[0, 2], rows_path=str(a),
+                      log=lambda _: None)
+    dgp.dgp_uci_study(["yacht"], (2,), ("ddvi",), split_ids=[1, 2], rows_path=str(b),
+                      log=lambda _: None)
+    dgp.dgp_uci_study(["yacht"], (2,), ("ddvi",), split_ids=[0], rows_path=str(b),
+                      log=lambda _: None, learning_rate=1e-3)
+    summary = dgp.summarise(dgp.read_rows([str(a), str(b)]))
+    by_lr = {s["lr"]: s for s in summary}
+    assert by_lr[3e-3]["splits"] == 3  # split 2 is in both logs and counted once
+    assert by_lr[3e-3]["rmse"][0] == pytest.approx(2.0)
+    assert by_lr[1e-3]["splits"] == 1
+    assert "| yacht | 2 | ddvi | 5000 | 0.001 | 1 |" in dgp.format_dgp_table(summary)
+    with open(a, "a") as f:
+        f.write('{"dataset": "yacht", "spl')  # a line cut short by a kill
+    with pytest.raises(ValueError, match=r"a.jsonl:3 is not a JSON row"):
+        dgp.read_rows([str(a)])

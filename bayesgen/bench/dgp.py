@@ -17,8 +17,10 @@ optimiser (Adam, cosine decay), steps, minibatch and inducing points:
 - ``dbvi``: :class:`bayesgen.AutoDBVI`, same start, with its diffusion start amortised from
   each layer's inducing inputs (``context=model.start_context``).
 
-Learning rates: DSVI's 1e-2 (Salimbeni & Deisenroth), 3e-3 for the diffusion guides (their
-networks diverge at 1e-2); both with cosine decay to a tenth.
+Learning rates: DSVI's 1e-2 (Salimbeni & Deisenroth); 3e-3 for AutoDDVI (its networks
+diverge at 1e-2); 1e-3 for AutoDBVI, whose fit on yacht split 1 (2 layers, 10k steps) went
+nonfinite at 3e-3 (the model site ``y`` with the kernel hyperparameters) and finished every
+split at 1e-3. All with cosine decay to a tenth.
 
 Reported per method: test RMSE and test log-likelihood in the target's original units (the
 predictive mixture over ``num_samples`` posterior draws), mean and standard error over the
@@ -27,7 +29,9 @@ splits, and the fit's wall time.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 
 import jax
@@ -40,7 +44,7 @@ from bayesgen.fit import default_optimizer, fit
 from bayesgen.models.deep_gp import AutoDSVI, DeepGP, deep_gp_predict, deep_gp_regression_metrics
 
 METHODS = ("dsvi", "ddvi", "dbvi")
-LEARNING_RATES = {"dsvi": 1e-2, "ddvi": 3e-3, "dbvi": 3e-3}
+LEARNING_RATES = {"dsvi": 1e-2, "ddvi": 3e-3, "dbvi": 1e-3}
 
 
 def make_dgp_guide(method: str, model: DeepGP, **options):
@@ -80,15 +84,68 @@ def run_dgp_split(dataset, split, num_layers, method, *, steps=5000, learning_ra
     tail = np.asarray(result.losses)[-max(1, steps // 10):]
     return {"dataset": dataset, "split": split, "layers": num_layers, "method": method,
             "rmse": float(rmse), "test_ll": float(loglik), "final_loss": float(tail.mean()),
-            "wall_s": wall}
+            "wall_s": wall, **run_settings(method, steps=steps, learning_rate=learning_rate,
+                                           batch_size=batch_size, num_inducing=num_inducing,
+                                           num_samples=num_samples, seed=seed,
+                                           guide_options=guide_options)}
+
+
+def run_settings(method, *, steps=5000, learning_rate=None, batch_size=256, num_inducing=100,
+                 num_samples=100, seed=0, guide_options=None):
+    """The settings that make two rows of one (dataset, layers, split, method) comparable.
+
+    Stored in every row, so a row log (``rows.jsonl``) can be resumed or merged only with
+    rows fitted the same way.
+    """
+    return {"steps": int(steps), "lr": float(learning_rate or LEARNING_RATES[method]),
+            "batch": None if batch_size is None else int(batch_size),
+            "inducing": int(num_inducing), "samples": int(num_samples), "seed": int(seed),
+            "guide_options": dict(guide_options or {})}
+
+
+_SETTING_KEYS = ("steps", "lr", "batch", "inducing", "samples", "seed", "guide_options")
+
+
+def row_key(row):
+    """What identifies one fit: the cell, the split and the settings."""
+    return (row["dataset"], int(row["layers"]), row["method"], int(row["split"]),
+            tuple((k, json.dumps(row.get(k), sort_keys=True)) for k in _SETTING_KEYS))
+
+
+def read_rows(paths):
+    """Rows from ``rows.jsonl`` logs (one JSON object a line), in order, without repeats.
+
+    A later row with the same :func:`row_key` replaces an earlier one (a re-run of that
+    fit). A line that does not parse, such as one cut short when a run was killed mid-write,
+    raises with the file and line number.
+    """
+    rows = {}
+    for path in paths:
+        with open(path) as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{lineno} is not a JSON row ({err.msg}); delete "
+                                     "that line and resume to re-run its fit") from None
+                rows[row_key(row)] = row
+    return list(rows.values())
 
 
 def dgp_uci_study(datasets, layers=(2,), methods=METHODS, *, num_splits=None, split_ids=None,
-                  log=print, **options):
+                  log=print, rows_path=None, resume=False, **options):
     """Every method, depth and split; returns the per-split rows.
 
     ``num_splits`` runs the first N splits of each dataset (default all); ``split_ids`` runs
     the listed split indices instead (to finish or share out a study), not both.
+
+    ``rows_path``: append each row to this JSON-lines file as soon as its fit ends, so a
+    study that is stopped loses at most the fit in progress. With ``resume=True`` the fits
+    already in that file with the same settings (:func:`row_key`) are not run again; their
+    rows are returned with the new ones. A study split over processes or sessions
+    (``split_ids``) is put together with :func:`read_rows` and :func:`summarise`.
     """
     from bayesgen.datasets.uci import uci_splits
 
@@ -97,7 +154,21 @@ def dgp_uci_study(datasets, layers=(2,), methods=METHODS, *, num_splits=None, sp
             raise ValueError(f"unknown method {m!r}; available: {', '.join(METHODS)}")
     if num_splits is not None and split_ids is not None:
         raise ValueError("pass num_splits (the first N splits) or split_ids, not both")
+    if resume and rows_path is None:
+        raise ValueError("resume=True needs rows_path, the row log to resume from")
+    done = {}
+    if resume and os.path.exists(rows_path):
+        done = {row_key(r): r for r in read_rows([rows_path])}
     rows = []
+
+    def record(row):
+        rows.append(row)
+        if rows_path is not None:
+            with open(rows_path, "a") as f:
+                f.write(json.dumps(row, default=float) + "\n")
+
+    settings = {k: options[k] for k in ("steps", "learning_rate", "batch_size", "num_inducing",
+                                        "num_samples", "seed", "guide_options") if k in options}
     for dataset in datasets:
         total = len(uci_splits(dataset))
         if split_ids is not None:
@@ -111,38 +182,49 @@ def dgp_uci_study(datasets, layers=(2,), methods=METHODS, *, num_splits=None, sp
         for num_layers in layers:
             for split in splits:
                 for method in methods:
+                    key = row_key({"dataset": dataset, "layers": num_layers, "method": method,
+                                   "split": split, **run_settings(method, **settings)})
+                    if key in done:
+                        log(f"[bench-dgp] {dataset} L={num_layers} split {split} {method}: "
+                            f"in {rows_path} already")
+                        rows.append(done[key])
+                        continue
                     try:
                         row = run_dgp_split(dataset, split, num_layers, method, **options)
                     except NonFiniteLossError as err:  # one diverged fit: count it, go on
                         first = str(err).split(". ")[0]
                         log(f"[bench-dgp] {dataset} L={num_layers} split {split} {method}: "
                             f"FAILED ({first})")
-                        rows.append({"dataset": dataset, "split": split, "layers": num_layers,
-                                     "method": method, "failed": first})
+                        record({"dataset": dataset, "split": split, "layers": num_layers,
+                                "method": method, "failed": first,
+                                **run_settings(method, **settings)})
                         continue
                     log(f"[bench-dgp] {dataset} L={num_layers} split {split} {method}: "
                         f"RMSE {row['rmse']:.3f}, test LL {row['test_ll']:.3f}, "
                         f"{row['wall_s']:.0f} s")
-                    rows.append(row)
+                    record(row)
     return rows
 
 
 def summarise(rows):
-    """Mean and standard error over the finished splits per (dataset, layers, method).
+    """Mean and standard error over the finished splits per (dataset, layers, method, steps, lr).
 
     Splits whose fit failed (rows with ``"failed"``) are counted in ``failed``, not averaged.
+    Rows fitted with other steps or learning rates form their own groups.
     """
     groups = {}
     for r in rows:
-        groups.setdefault((r["dataset"], r["layers"], r["method"]), []).append(r)
+        key = (r["dataset"], r["layers"], r["method"], r.get("steps"), r.get("lr"))
+        groups.setdefault(key, []).append(r)
     out = []
-    for (dataset, layers, method), all_rs in groups.items():
+    for (dataset, layers, method, steps, lr), all_rs in groups.items():
         rs = [r for r in all_rs if "failed" not in r]
         failed = len(all_rs) - len(rs)
+        head = {"dataset": dataset, "layers": layers, "method": method, "steps": steps,
+                "lr": lr, "splits": len(rs), "failed": failed}
         if not rs:
             nan = (float("nan"), float("nan"))
-            out.append({"dataset": dataset, "layers": layers, "method": method, "splits": 0,
-                        "failed": failed, "rmse": nan, "test_ll": nan, "wall_s": float("nan")})
+            out.append({**head, "rmse": nan, "test_ll": nan, "wall_s": float("nan")})
             continue
 
         def mse(key, rs=rs):
@@ -150,19 +232,20 @@ def summarise(rows):
             se = v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else float("nan")
             return float(v.mean()), float(se)
 
-        out.append({"dataset": dataset, "layers": layers, "method": method, "splits": len(rs),
-                    "failed": failed, "rmse": mse("rmse"), "test_ll": mse("test_ll"),
+        out.append({**head, "rmse": mse("rmse"), "test_ll": mse("test_ll"),
                     "wall_s": float(np.mean([r["wall_s"] for r in rs]))})
     return out
 
 
 def format_dgp_table(summary):
-    lines = ["| dataset | layers | method | splits | test RMSE | test LL | fit s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| dataset | layers | method | steps | lr | splits | test RMSE | test LL | fit s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
         splits = f"{s['splits']} ({s['failed']} failed)" if s.get("failed") else f"{s['splits']}"
+        steps = "" if s.get("steps") is None else f"{s['steps']}"
+        lr = "" if s.get("lr") is None else f"{s['lr']:g}"
         lines.append(
-            f"| {s['dataset']} | {s['layers']} | {s['method']} | {splits} | "
+            f"| {s['dataset']} | {s['layers']} | {s['method']} | {steps} | {lr} | {splits} | "
             f"{s['rmse'][0]:.3f} ± {s['rmse'][1]:.3f} | {s['test_ll'][0]:.3f} ± "
             f"{s['test_ll'][1]:.3f} | {s['wall_s']:.0f} |")
     return "\n".join(lines)
