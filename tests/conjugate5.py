@@ -68,3 +68,18 @@ def posterior_errors(draws):
     sd_err = draws.std(0) / sd - 1.0
     corr_err = np.corrcoef(draws.T) - POST_COV / np.outer(sd, sd)
     return mean_err, sd_err, corr_err
+
+
+def exact_log_evidence() -> float:
+    """log p(Y) of the conjugate model in float64 (Y as the model sees it, in float32).
+
+    The stacked observations are Gaussian: mean ``A m`` in every row, covariance
+    ``I_N (x) R + 1 1^T (x) A S A^T``.
+    """
+    from scipy import stats
+
+    a, m, s, r = (PROBLEM[k] for k in ("a", "prior_mean", "prior_cov", "noise_cov"))
+    ones = np.ones((N, N))
+    cov = np.kron(np.eye(N), r) + np.kron(ones, a @ s @ a.T)
+    y = np.asarray(Y, np.float64).reshape(-1)
+    return float(stats.multivariate_normal(np.tile(a @ m, N), cov).logpdf(y))

@@ -111,10 +111,10 @@ def mixture_log_density(
     def chunk_terms(k, n):  # one set of fresh draws shared by the batch
         return log_conditional(w[..., None, :], jr.normal(k, (n, noise_dim)))
 
-    return _log_mean_with_own(key, own, chunk_terms, num_mixing, chunk_size)
+    return log_mean_with_own(key, own, chunk_terms, num_mixing, chunk_size)
 
 
-def _log_mean_with_own(key, own, chunk_terms, num_mixing, chunk_size):
+def log_mean_with_own(key, own, chunk_terms, num_mixing, chunk_size):
     """``log (1/(K+1)) [exp(own) + sum_k exp(term_k)]``, the K terms made in chunks.
 
     ``chunk_terms(key, n)`` returns n log terms (..., n); a running logsumexp keeps memory
@@ -169,7 +169,7 @@ def reverse_mixture_log_density(
         eps = loc[..., None, :] + scale[..., None, :] * jr.normal(k, loc.shape[:-1] + (n, m))
         return log_conditional(w[..., None, :], eps) + log_weight(eps)
 
-    return _log_mean_with_own(key, own, chunk_terms, num_mixing, chunk_size)
+    return log_mean_with_own(key, own, chunk_terms, num_mixing, chunk_size)
 
 
 class SemiImplicit(WhitenedCoordinates, Family):
