@@ -202,7 +202,10 @@ def nuts_main(argv):
 
 
 def dgp_main(argv):
-    from bayesgen.bench.dgp import METHODS, dgp_uci_study, format_dgp_table, read_rows, summarise
+    from bayesgen.bench.dgp import (
+        METHODS, dgp_uci_study, format_dgp_table, format_paired_table, paired_differences,
+        read_rows, summarise,
+    )
 
     p = argparse.ArgumentParser(
         prog="bayesgen bench-dgp",
@@ -241,6 +244,10 @@ def dgp_main(argv):
                              num_samples=a.samples, seed=a.seed,
                              rows_path=os.path.join(a.out, "rows.jsonl"), resume=a.resume)
     table = format_dgp_table(summarise(rows))
+    paired = paired_differences(rows)
+    if paired:
+        table += ("\n\nPaired by split (the published claims: DDVI beats DSVI, DBVI beats "
+                  "DDVI):\n\n" + format_paired_table(paired))
     command = "bayesgen bench-dgp " + " ".join(argv)
     with open(os.path.join(a.out, "results.md"), "w") as f:
         f.write(f"# bayesgen bench-dgp\n\nCommand: `{command}`\n\n{table}\n")

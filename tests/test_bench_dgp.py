@@ -98,3 +98,20 @@ def test_row_logs_of_shared_out_splits_merge_into_one_table(monkeypatch, tmp_pat
         f.write('{"dataset": "yacht", "spl')  # a line cut short by a kill
     with pytest.raises(ValueError, match=r"a.jsonl:3 is not a JSON row"):
         dgp.read_rows([str(a)])
+
+
+def test_paired_differences_use_the_splits_both_methods_finished():
+    def row(method, split, rmse, ll):
+        return {"dataset": "yacht", "layers": 2, "method": method, "split": split,
+                "rmse": rmse, "test_ll": ll}
+
+    rows = [row("dsvi", 0, 1.0, -1.0), row("dsvi", 1, 2.0, -2.0), row("dsvi", 2, 3.0, -3.0),
+            row("ddvi", 0, 0.9, -1.2), row("ddvi", 1, 1.7, -1.9),
+            {"dataset": "yacht", "layers": 2, "method": "ddvi", "split": 2, "failed": "nan"}]
+    (p,) = dgp.paired_differences(rows)  # no dbvi rows: that claim is left out
+    assert p["claim"] == "ddvi - dsvi" and p["splits"] == 2
+    assert p["rmse"][0] == pytest.approx(-0.2) and p["rmse"][1] == pytest.approx(0.1)
+    assert p["rmse_wins"] == 2 and p["test_ll_wins"] == 1
+    assert p["test_ll"][0] == pytest.approx(-0.05)
+    assert "| yacht | 2 | ddvi - dsvi | 2 | -0.200 ± 0.100 | 2 | -0.050 ± 0.150 | 1 |" in (
+        dgp.format_paired_table([p]))

@@ -237,6 +237,55 @@ def summarise(rows):
     return out
 
 
+#: the published claims the study checks: (better, worse) = "better beats worse".
+CLAIMS = (("ddvi", "dsvi"), ("dbvi", "ddvi"))
+
+
+def paired_differences(rows, pairs=CLAIMS):
+    """Per (dataset, layers) and claim ``(a, b)``: ``a - b`` over the splits both finished.
+
+    Returns rows with the mean and standard error of the RMSE and test-LL differences and
+    how many splits ``a`` won on each (lower RMSE, higher LL). Pairing by split removes the
+    split-to-split spread that dominates the unpaired standard errors. Rows are paired
+    within one learning rate per method as given: pass rows of one setting per method.
+    """
+    cells = {}
+    for r in rows:
+        if "failed" not in r:
+            cells.setdefault((r["dataset"], r["layers"]), {}).setdefault(
+                r["method"], {})[r["split"]] = r
+    out = []
+    for (dataset, layers), by_method in cells.items():
+        for a, b in pairs:
+            if a not in by_method or b not in by_method:
+                continue
+            splits = sorted(set(by_method[a]) & set(by_method[b]))
+            if not splits:
+                continue
+            row = {"dataset": dataset, "layers": layers, "claim": f"{a} - {b}",
+                   "splits": len(splits)}
+            for key, better in (("rmse", np.less), ("test_ll", np.greater)):
+                va = np.array([by_method[a][i][key] for i in splits])
+                vb = np.array([by_method[b][i][key] for i in splits])
+                diff = va - vb
+                se = diff.std(ddof=1) / math.sqrt(len(diff)) if len(diff) > 1 else float("nan")
+                row[key] = (float(diff.mean()), float(se))
+                row[f"{key}_wins"] = int(better(va, vb).sum())
+            out.append(row)
+    return out
+
+
+def format_paired_table(paired):
+    lines = ["| dataset | layers | difference | splits | RMSE diff | lower RMSE on | LL diff | "
+             "higher LL on |", "|---|---|---|---|---|---|---|---|"]
+    for p in paired:
+        lines.append(
+            f"| {p['dataset']} | {p['layers']} | {p['claim']} | {p['splits']} | "
+            f"{p['rmse'][0]:+.3f} ± {p['rmse'][1]:.3f} | {p['rmse_wins']} | "
+            f"{p['test_ll'][0]:+.3f} ± {p['test_ll'][1]:.3f} | {p['test_ll_wins']} |")
+    return "\n".join(lines)
+
+
 def format_dgp_table(summary):
     lines = ["| dataset | layers | method | steps | lr | splits | test RMSE | test LL | fit s |",
              "|---|---|---|---|---|---|---|---|---|"]
