@@ -12,7 +12,8 @@ from bayesgen.errors import NonFiniteLossError
 def test_a_diverged_split_is_counted_not_averaged_and_the_study_goes_on(monkeypatch):
     def fake_split(dataset, split, num_layers, method, **options):
         if method == "dbvi" and split == 1:
-            raise NonFiniteLossError("The loss became nonfinite at step 7. Details follow", step=7)
+            raise NonFiniteLossError("The loss became nonfinite at step 7. Details follow", step=7,
+                                     sites=["y"], params=["v0_scale"])
         return {"dataset": dataset, "split": split, "layers": num_layers, "method": method,
                 "rmse": 1.0 + split, "test_ll": -1.0 - split, "final_loss": 0.0, "wall_s": 1.0,
                 **dgp.run_settings(method, **options)}
@@ -21,7 +22,8 @@ def test_a_diverged_split_is_counted_not_averaged_and_the_study_goes_on(monkeypa
     logs = []
     rows = dgp.dgp_uci_study(["yacht"], (2,), ("ddvi", "dbvi"), num_splits=3, log=logs.append)
     assert len(rows) == 6  # the study ran past the failure
-    assert any("FAILED (The loss became nonfinite at step 7)" in line for line in logs)
+    assert any("FAILED (The loss became nonfinite at step 7; nonfinite: y, v0_scale)" in line
+               for line in logs)
     summary = {s["method"]: s for s in dgp.summarise(rows)}
     assert summary["ddvi"]["splits"] == 3 and summary["ddvi"]["failed"] == 0
     assert summary["dbvi"]["splits"] == 2 and summary["dbvi"]["failed"] == 1
