@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -77,6 +78,16 @@ def test_rows_are_logged_as_they_end_and_resume_skips_the_finished_fits(monkeypa
     dgp.dgp_uci_study(["yacht"], (2,), ("ddvi",), split_ids=[0], rows_path=str(log),
                       resume=True, log=lambda _: None, steps=200)
     assert ran == [("ddvi", 0)]
+    # a failed fit in the log is run again on resume, and its new row replaces it
+    with open(log, "a") as f:
+        f.write(json.dumps({"dataset": "yacht", "split": 3, "layers": 2, "method": "ddvi",
+                            "failed": "nan", **dgp.run_settings("ddvi", steps=100)}) + "\n")
+    ran.clear()
+    rows = dgp.dgp_uci_study(["yacht"], (2,), ("ddvi",), split_ids=[2, 3], rows_path=str(log),
+                             resume=True, log=lambda _: None, steps=100)
+    assert ran == [("ddvi", 3)] and all("failed" not in r for r in rows)
+    merged = [r for r in dgp.read_rows([str(log)]) if r["split"] == 3]
+    assert len(merged) == 1 and "failed" not in merged[0]
     with pytest.raises(ValueError, match="needs rows_path"):
         dgp.dgp_uci_study(["yacht"], (2,), ("ddvi",), split_ids=[0], resume=True)
 

@@ -143,8 +143,9 @@ def dgp_uci_study(datasets, layers=(2,), methods=METHODS, *, num_splits=None, sp
 
     ``rows_path``: append each row to this JSON-lines file as soon as its fit ends, so a
     study that is stopped loses at most the fit in progress. With ``resume=True`` the fits
-    already in that file with the same settings (:func:`row_key`) are not run again; their
-    rows are returned with the new ones. A study split over processes or sessions
+    already finished in that file with the same settings (:func:`row_key`) are not run
+    again; their rows are returned with the new ones. Failed fits are run again (after a
+    fix, say); the new row replaces the failed one in :func:`read_rows`. A study split over processes or sessions
     (``split_ids``) is put together with :func:`read_rows` and :func:`summarise`.
     """
     from bayesgen.datasets.uci import uci_splits
@@ -158,7 +159,7 @@ def dgp_uci_study(datasets, layers=(2,), methods=METHODS, *, num_splits=None, sp
         raise ValueError("resume=True needs rows_path, the row log to resume from")
     done = {}
     if resume and os.path.exists(rows_path):
-        done = {row_key(r): r for r in read_rows([rows_path])}
+        done = {row_key(r): r for r in read_rows([rows_path]) if "failed" not in r}
     rows = []
 
     def record(row):

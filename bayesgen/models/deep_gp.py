@@ -212,18 +212,44 @@ LIKELIHOODS = ("gaussian", "bernoulli", "categorical")
 def _whitened_conditional(kernel_fn, x, z, lengthscales, variance, v, jitter):
     """Moments of ``f(x) | U`` for whitened inducing outputs, without the mean function.
 
-    ``a = L^{-1} k_Z(x)`` with ``L = chol(K_ZZ + jitter * variance * I)``; returns the mean
-    ``a^T V`` (n, D) and the variance ``k(x, x) - ||a||^2`` (n,), floored at
-    ``jitter * variance`` (the conditional variance of the jittered prior at an inducing
-    input; the floor keeps ``sqrt(var)`` differentiable where round-off drives it to 0).
+    ``a = L^{-1} k_Z(x)`` with ``L = chol(K_ZZ + j * variance * I)`` (``j`` from
+    :func:`_jittered_cholesky`: ``jitter``, raised where round-off needs it); returns the mean
+    ``a^T V`` (n, D) and the variance ``k(x, x) - ||a||^2`` (n,), floored at ``j *
+    variance`` (the conditional variance of the jittered prior at an inducing input; the
+    floor keeps ``sqrt(var)`` differentiable where round-off drives it to 0).
     """
-    m = z.shape[0]
-    kzz = kernel_fn(z, z, lengthscales, variance) + (jitter * variance) * jnp.eye(m, dtype=z.dtype)
-    chol = jnp.linalg.cholesky(kzz)
+    chol, used = _jittered_cholesky(kernel_fn(z, z, lengthscales, variance), jitter, variance)
     a = jsl.solve_triangular(chol, kernel_fn(z, x, lengthscales, variance), lower=True)  # (M, n)
     mean = a.T @ v
-    var = jnp.maximum(kernel_diag(x, variance) - jnp.sum(a * a, axis=0), jitter * variance)
+    var = jnp.maximum(kernel_diag(x, variance) - jnp.sum(a * a, axis=0), used * variance)
     return mean, var
+
+
+#: factors by which the jitter is raised, in turn, when the Cholesky factor is not finite.
+JITTER_ESCALATION = (10.0, 100.0)
+
+
+def _jittered_cholesky(kzz, jitter, variance):
+    """``chol(K_ZZ + j * variance * I)`` and ``j``: ``jitter``, else 10x, else 100x it.
+
+    Inducing inputs that drift close together make ``K_ZZ`` singular to float32 round-off,
+    and the factor comes back with NaNs (seen on yacht, where the inputs sit on a grid: two
+    inducing inputs 0.08 lengthscales apart after 9900 DSVI steps with ``jitter`` 1e-6). As
+    GPyTorch's ``psd_safe_cholesky`` does, the jitter is then raised tenfold, twice at most.
+    The jitter is chosen on gradient-stopped factors and the one differentiated factor uses
+    it: a NaN factor that is only tried never reaches the gradient (a zero cotangent through
+    a NaN Cholesky is still NaN). A factor still not finite at 100x is returned as is and
+    the loss turns nonfinite, which :func:`bayesgen.fit` reports.
+    """
+    eye = jnp.eye(kzz.shape[-1], dtype=kzz.dtype)
+    fixed = jax.lax.stop_gradient(kzz)
+    fixed_variance = jax.lax.stop_gradient(variance)
+    used = jnp.asarray(jitter * JITTER_ESCALATION[-1], kzz.dtype)
+    for factor in (*JITTER_ESCALATION[::-1][1:], 1.0):  # 10x, then 1x: the smallest that works
+        j = jnp.asarray(jitter * factor, kzz.dtype)
+        works = jnp.all(jnp.isfinite(jnp.linalg.cholesky(fixed + (j * fixed_variance) * eye)))
+        used = jnp.where(works, j, used)
+    return jnp.linalg.cholesky(kzz + (used * variance) * eye), used
 
 
 # --------------------------------------------------------------------------- inducing inputs
@@ -379,8 +405,9 @@ class DeepGP:
     inducing_init : ``"kmeans"`` (default), ``"random"`` (distinct training rows drawn at
         random) or an ``(M, D)`` array of initial inducing inputs of the first layer.
     jitter : added to the diagonal of ``K_ZZ`` as ``jitter * kernel variance`` before the
-        Cholesky factorisation (default 1e-6; raise it if a fit reports NaN from a
-        near-singular ``K_ZZ`` in float32).
+        Cholesky factorisation (default 1e-6); where round-off makes the factor nonfinite
+        (a near-singular ``K_ZZ`` in float32) it is raised to 10x, then 100x, for that
+        evaluation (``_jittered_cholesky``).
     noise_init : initial Gaussian noise variance (default 0.01).
     lengthscale_init : initial lengthscale of every input dimension, or ``None`` for
         ``sqrt(D_in)`` of each layer.

@@ -34,6 +34,7 @@ from bayesgen.models.deep_gp import (
     matern52_kernel,
     rbf_kernel,
 )
+from bayesgen.models.deep_gp import _jittered_cholesky, _whitened_conditional
 
 try:
     from threadpoolctl import threadpool_limits
@@ -115,6 +116,34 @@ def test_kernel_gram_matches_formula_psd_and_diag(kind):
     # gradients stay finite at coincident points (r = 0)
     g = jax.grad(lambda l: fn(x, x, l, var).sum())(jnp.asarray(ls, jnp.float32))
     assert np.all(np.isfinite(np.asarray(g)))
+
+
+def test_jitter_is_raised_only_where_the_float32_factor_fails_and_the_gradient_stays_finite():
+    rng = np.random.default_rng(0)
+    ls, variance = jnp.ones(3), jnp.float32(1.3)
+    spread = jnp.asarray(rng.normal(size=(30, 3)), jnp.float32)
+    kzz = rbf_kernel(spread, spread, ls, variance)
+    chol, used = _jittered_cholesky(kzz, 1e-6, variance)
+    assert float(used) == pytest.approx(1e-6)  # well conditioned: the model is unchanged
+    np.testing.assert_allclose(
+        np.asarray(chol), np.asarray(jnp.linalg.cholesky(kzz + 1.3e-6 * jnp.eye(30))), atol=1e-6)
+
+    # 100 inducing inputs within 1e-3 lengthscales of one point: singular to float32
+    z = jnp.asarray(rng.normal(size=(1, 3)) + 1e-3 * rng.normal(size=(100, 3)), jnp.float32)
+    kzz = rbf_kernel(z, z, ls, variance)
+    assert not np.all(np.isfinite(np.asarray(jnp.linalg.cholesky(kzz + 1.3e-6 * jnp.eye(100)))))
+    chol, used = _jittered_cholesky(kzz, 1e-6, variance)
+    assert np.all(np.isfinite(np.asarray(chol))) and float(used) in (
+        pytest.approx(1e-5), pytest.approx(1e-4))
+    x = jnp.asarray(rng.normal(size=(7, 3)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(100, 2)), jnp.float32)
+
+    def loss(z, variance):
+        mean, var = _whitened_conditional(rbf_kernel, x, z, ls, variance, v, 1e-6)
+        return jnp.sum(mean**2) + jnp.sum(jnp.log(var))
+
+    grads = jax.grad(loss, argnums=(0, 1))(z, variance)
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
 
 
 def test_kmeans_and_mean_functions():
