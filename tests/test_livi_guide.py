@@ -75,6 +75,7 @@ def test_livi_fits_conjugate_gaussian_and_works_with_predictive():
     fitted = SimpleNamespace(model=model, guide=guide, params=params, args=(Y,), kwargs={})
     report = bayesgen.diagnose(fitted, num_samples=500, num_mixing=10)
     assert report.khat < 0.5, report
+    assert "(laplace proposal)" in report.weights, report.weights
     assert abs(report.log_evidence - exact_log_evidence()) < 0.1, report
 
 

@@ -20,8 +20,11 @@ log q_K(z)``, where ``q_K`` averages the conditional density over the generating
 draw and K fresh ones (the family's ``log_importance_density``). These are exact importance
 weights for an extended target whose z-marginal is the posterior, so the evidence estimate
 is unbiased for every K and k-hat diagnoses the extended proposal, which approaches the
-marginal q as K grows (default K = 1000; see :mod:`bayesgen.families.semi_implicit`). A
-plug-in log q from fresh draws only would be biased low and is never used. Families with a
+marginal q as K grows (default K = 1000; see :mod:`bayesgen.families.semi_implicit`). The
+fresh draws may come from a reverse model r(eps | z) and be importance-weighted (IWHVI):
+AutoSIVI's learned one (``reverse_model=True``) and LIVI's Laplace one (the default on small
+models, :func:`bayesgen.families.implicit.laplace_reverse`); the report's ``weights`` line
+names it. A plug-in log q from fresh draws only would be biased low and is never used. Families with a
 surrogate and no such method are refused with an explanation.
 
 References
@@ -98,7 +101,8 @@ def _guide_kinds(guide, params, args, kwargs, key):
                 "from it would be wrong. Use a family with an exact density or one that "
                 "implements log_importance_density."
             )
-        kinds[name] = kind
+        proposal = getattr(site["fn"], "importance_proposal", None)
+        kinds[name] = kind if proposal is None else f"{kind}, {proposal} proposal"
     return kinds
 
 
@@ -190,9 +194,11 @@ def diagnose(result, *, num_samples: int = 4000, key=None, num_mixing: int = 100
         raise ValueError(f"num_mixing must be a positive int, got {num_mixing!r}")
     kinds = _guide_kinds(guide, params, args, kwargs, k_check)
     surrogate = sorted(n for n, k in kinds.items() if k != "exact")
+    notes = [n if "proposal" not in kinds[n] else f"{n} ({kinds[n].split(', ')[1]})"
+             for n in surrogate]
     weights = (
         "exact log q" if not surrogate
-        else f"extended space (mixing draws, K={num_mixing}) for {', '.join(surrogate)}"
+        else f"extended space (mixing draws, K={num_mixing}) for {', '.join(notes)}"
     )
     log_w = log_importance_weights(
         model, guide, params, args, kwargs, key=k_draw, num_samples=num_samples,
