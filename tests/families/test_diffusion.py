@@ -18,9 +18,11 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
+from scipy import stats
 
 from bayesgen.families.diffusion import (
     DenoisingDiffusion,
+    bridge_log_h,
     linear_beta_schedule,
     log_snr_schedule,
 )
@@ -122,6 +124,24 @@ def _kl(m0, c0, m1, c1):
     r = m1 - m0
     return 0.5 * (jnp.trace(c1i @ c0) + r @ c1i @ r - m0.shape[0]
                   + jnp.linalg.slogdet(c1)[1] - jnp.linalg.slogdet(c0)[1])
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.3, 1e-3, 1.6e-6])
+def test_bridge_log_h_is_accurate_in_float32_for_narrow_starts(scale):
+    """log h(u) = log of the integral of N(x; A u, V) rho(x) / N(x; 0, 1), from the Gaussian
+    product in float64 (an independent derivation), against the float32 code. Written as two
+    mu^2 / s^2 terms that cancel, the constant had ~1e6 of round-off at s = 1.6e-6 (the start
+    scale an AutoDBVI deep-GP fit reached)."""
+    signal, mu = 0.7, np.array([12.0, -3.0, 0.4])
+    u = np.array([0.3, -1.1, 2.0])
+    v, s2 = 1.0 - signal**2, scale**2
+    v_star = v * s2 / (v + s2)
+    m_star = (signal * u * s2 + mu * v) / (v + s2)
+    exact = np.sum(stats.norm.logpdf(signal * u, mu, np.sqrt(v + s2)) + 0.5 * np.log(2 * np.pi)
+                   - 0.5 * np.log1p(-v_star) + m_star**2 / (2 * (1 - v_star)))
+    got = bridge_log_h(jnp.asarray(u, jnp.float32), jnp.float32(signal),
+                       jnp.asarray(mu, jnp.float32), jnp.full(3, scale, jnp.float32))
+    assert abs(float(got) - exact) < 1e-3 * max(1.0, abs(exact)), (float(got), exact)
 
 
 def test_bridged_exact_score_gap_is_the_start_mismatch():
