@@ -66,6 +66,8 @@ class NonFiniteLossError(FloatingPointError):
         was nonfinite when the failing step was replayed.
     params : list of str
         Parameters (``numpyro.param`` sites) holding nonfinite entries at that step.
+    gradients : list of str
+        Parameters whose gradient was nonfinite when the failing step was replayed.
     """
 
     def __init__(
@@ -75,11 +77,13 @@ class NonFiniteLossError(FloatingPointError):
         step: int,
         sites: Sequence[str] = (),
         params: Sequence[str] = (),
+        gradients: Sequence[str] = (),
     ):
         super().__init__(message)
         self.step = int(step)
         self.sites = list(sites)
         self.params = list(params)
+        self.gradients = list(gradients)
 
 
 def trace_model(model, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, seed=0):

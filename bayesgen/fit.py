@@ -602,7 +602,8 @@ def _nonfinite_error(step, kind, sites, bad_params, bad_grads, site_names) -> No
         "written there, ready for `resume`."
     )
     return NonFiniteLossError(
-        " ".join([head, *parts, advice]), step=step, sites=site_names, params=bad_params
+        " ".join([head, *parts, advice]), step=step, sites=site_names, params=bad_params,
+        gradients=bad_grads,
     )
 
 

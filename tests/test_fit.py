@@ -268,6 +268,7 @@ def test_nonfinite_gradient_names_params():
     with pytest.raises(NonFiniteLossError, match="gradient") as info:
         fit(kink, guide, steps=300, optimizer=optax.adam(0.05), progress_bar=False)
     assert "x_auto_loc" in str(info.value) and info.value.step > 1
+    assert "x_auto_loc" in info.value.gradients
 
 
 def test_check_int_names_the_argument_and_refuses_bools():

@@ -194,12 +194,14 @@ def dgp_uci_study(datasets, layers=(2,), methods=METHODS, *, num_splits=None, sp
                         row = run_dgp_split(dataset, split, num_layers, method, **options)
                     except NonFiniteLossError as err:  # one diverged fit: count it, go on
                         first = str(err).split(". ")[0]
-                        where = ", ".join(err.sites + err.params) or "no site named"
+                        where = ", ".join(err.sites + err.params + [
+                            f"gradient of {g}" for g in err.gradients]) or "no site named"
                         log(f"[bench-dgp] {dataset} L={num_layers} split {split} {method}: "
                             f"FAILED ({first}; nonfinite: {where})")
                         record({"dataset": dataset, "split": split, "layers": num_layers,
                                 "method": method, "failed": first,
                                 "nonfinite_sites": err.sites, "nonfinite_params": err.params,
+                                "nonfinite_gradients": err.gradients,
                                 **run_settings(method, **settings)})
                         continue
                     log(f"[bench-dgp] {dataset} L={num_layers} split {split} {method}: "

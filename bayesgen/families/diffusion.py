@@ -217,18 +217,18 @@ def bridge_log_h(u, signal, start_loc, start_scale):
 def bridge_coefficients(signal, start_loc, start_scale):
     """``(c, b, P)`` with ``log h(u, t) = sum_i c_i + b_i u_i - P_i u_i^2 / 2`` (bridge_log_h).
 
-    The constant's two mu terms of :func:`bridge_log_h`, ``V mu^2 / (2 s^4 D) - mu^2 / (2
-    s^2)``, are combined into ``-A^2 mu^2 / (2 s^2 D)`` (``V / s^2 - D = -A^2``): written
-    apart they are each ~ ``mu^2 / s^2`` and cancel, and in float32 a start scale of 1e-6
-    (an AutoDBVI fit on yacht drove one there) left ~1e6 of round-off in the loss.
+    With ``q = s^2 D = V + A^2 s^2``: ``c = -log(q) / 2 - A^2 mu^2 / (2 q)``, ``b = A mu / q``,
+    ``P = (1 - s^2) A^2 / q``, the same coefficients as :func:`bridge_log_h`'s with ``1/s^2``
+    cancelled by hand. Written with ``1/s^2`` the constant had two ~ ``mu^2 / s^2`` terms
+    that cancel, and in float32 a start scale of 1.6e-6 (an AutoDBVI deep-GP fit on yacht
+    drove one there) left ~1e6 nats of round-off in the loss.
     """
     a2 = signal * signal
-    v = 1.0 - a2
-    prec = 1.0 / (start_scale * start_scale)
-    d = 1.0 + v * (prec - 1.0)
+    s2 = start_scale * start_scale
+    q = (1.0 - a2) + a2 * s2
     mu = start_loc
-    const = -jnp.log(start_scale) - 0.5 * jnp.log(d) - 0.5 * a2 * mu * mu * prec / d
-    return const, signal * mu * prec / d, (prec - 1.0) * a2 / d
+    const = -0.5 * jnp.log(q) - 0.5 * a2 * mu * mu / q
+    return const, signal * mu / q, (1.0 - s2) * a2 / q
 
 
 class DenoisingDiffusion(PathSurrogate, Family, WhitenedCoordinates):
