@@ -113,7 +113,7 @@ import jax.random as jr
 from flax import nnx
 
 from bayesgen.families.base import Family, WhitenedCoordinates, check_latent
-from bayesgen.families.semi_implicit import log_mean_with_own, mixture_log_density
+from bayesgen.families.semi_implicit import mixture_log_density, proposal_mixture_log_density
 from bayesgen.nn import MLP, zero_last_layer
 
 __all__ = [
@@ -384,13 +384,13 @@ def laplace_reverse(
         r = w - generator(eps)
         return 0.5 * jnp.sum(r * r) + 0.5 * sigma2 * jnp.sum(eps * eps)
 
-    def gram(eps):
-        jac = jax.jacfwd(generator)(eps)  # (d, m)
-        return jac, jac.T @ jac + sigma2 * jnp.eye(eps.shape[-1], dtype=jac.dtype)
+    def gram(eps):  # g(eps), J (d, m) and J^T J + sigma^2 I from one forward-mode pass
+        jac, out = jax.jacfwd(lambda e: (lambda o: (o, o))(generator(e)), has_aux=True)(eps)
+        return out, jac, jac.T @ jac + sigma2 * jnp.eye(eps.shape[-1], dtype=jac.dtype)
 
     def step(eps, _):
-        jac, a = gram(eps)
-        b = jac.T @ (w - generator(eps)) - sigma2 * eps
+        out, jac, a = gram(eps)
+        b = jac.T @ (w - out) - sigma2 * eps
         delta = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(a, lower=True), b)
         candidates = eps + jnp.asarray(_LINE_SEARCH, eps.dtype)[:, None] * delta
         values = jax.vmap(energy)(candidates)
@@ -399,42 +399,33 @@ def laplace_reverse(
 
     eps = jnp.zeros((noise_dim,), w.dtype)
     eps, _ = jax.lax.scan(step, eps, None, length=num_iterations)
-    _, a = gram(eps)
-    return eps, jnp.linalg.cholesky(a)
+    return eps, jnp.linalg.cholesky(gram(eps)[2])
 
 
 def laplace_mixture_log_density(
     key, w, log_conditional: Callable, eps0, loc, chol, sigma, num_mixing: int, *,
     chunk_size: int = 256,
 ):
-    """``log 1/(K+1) sum_k q(w | eps_k) N(eps_k; 0, I) / r(eps_k | w)`` with the Laplace ``r``.
+    """IWHVI's estimate (``proposal_mixture_log_density``) with the Laplace reverse model.
 
-    ``eps_0 = eps0`` is the generating noise, ``eps_1..K ~ r(. | w) = N(loc, sigma^2 (L
-    L^T)^{-1})`` with ``L = chol`` (from :func:`laplace_reverse`). ``w`` (d,) and ``eps0``
-    (m,) are one draw; ``log_conditional(w, eps)`` returns ``log q(w | eps)`` for eps (n, m).
-    Chunked with a running logsumexp (memory O(chunk_size d)).
+    ``r(. | w) = N(loc, sigma^2 (L L^T)^{-1})`` with ``L = chol`` (from
+    :func:`laplace_reverse`); ``w`` (d,) and ``eps0`` (m,) are one draw and its generating
+    noise; ``log_conditional(w, eps)`` returns ``log q(w | eps)`` for eps (n, m).
     """
-    if num_mixing < 0:
-        raise ValueError(f"num_mixing must be >= 0, got {num_mixing}")
     m = loc.shape[-1]
-    log_norm_r = jnp.sum(jnp.log(jnp.diagonal(chol))) - m * jnp.log(sigma) - 0.5 * m * _LOG_2PI
+    log_norm = jnp.sum(jnp.log(jnp.diagonal(chol))) - m * jnp.log(sigma) - 0.5 * m * _LOG_2PI
 
-    def log_weight(eps):  # (n, m) -> log N(eps; 0, I) - log r(eps | w), (n,)
-        prior = -0.5 * jnp.sum(eps * eps + _LOG_2PI, axis=-1)
-        u = (eps - loc) @ chol / sigma  # rows of L^T (eps - loc) / sigma
-        return prior - (log_norm_r - 0.5 * jnp.sum(u * u, axis=-1))
-
-    e0 = eps0[None, :]
-    own = (log_conditional(w, e0) + log_weight(e0))[0]
-
-    def chunk_terms(k, n):
+    def draw(k, n):  # loc + sigma L^{-T} noise: covariance sigma^2 (L L^T)^{-1}
         noise = jr.normal(k, (n, m), loc.dtype)
-        # eps = loc + sigma L^{-T} noise: covariance sigma^2 (L L^T)^{-1}
-        eps = loc + sigma * jax.scipy.linalg.solve_triangular(chol, noise.T, lower=True,
-                                                              trans="T").T
-        return log_conditional(w, eps) + log_weight(eps)
+        return loc + sigma * jax.scipy.linalg.solve_triangular(chol, noise.T, lower=True,
+                                                               trans="T").T
 
-    return log_mean_with_own(key, own, chunk_terms, num_mixing, chunk_size)
+    def log_proposal(eps):
+        u = (eps - loc) @ chol / sigma  # rows of L^T (eps - loc) / sigma
+        return log_norm - 0.5 * jnp.sum(u * u, axis=-1)
+
+    return proposal_mixture_log_density(key, w, log_conditional, eps0, draw, log_proposal,
+                                        num_mixing, chunk_size=chunk_size)
 
 
 class LinearisedImplicit(WhitenedCoordinates, Family):

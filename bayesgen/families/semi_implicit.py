@@ -111,10 +111,10 @@ def mixture_log_density(
     def chunk_terms(k, n):  # one set of fresh draws shared by the batch
         return log_conditional(w[..., None, :], jr.normal(k, (n, noise_dim)))
 
-    return log_mean_with_own(key, own, chunk_terms, num_mixing, chunk_size)
+    return _log_mean_with_own(key, own, chunk_terms, num_mixing, chunk_size)
 
 
-def log_mean_with_own(key, own, chunk_terms, num_mixing, chunk_size):
+def _log_mean_with_own(key, own, chunk_terms, num_mixing, chunk_size):
     """``log (1/(K+1)) [exp(own) + sum_k exp(term_k)]``, the K terms made in chunks.
 
     ``chunk_terms(key, n)`` returns n log terms (..., n); a running logsumexp keeps memory
@@ -136,6 +136,41 @@ def log_mean_with_own(key, own, chunk_terms, num_mixing, chunk_size):
     return acc - math.log(num_mixing + 1)
 
 
+def proposal_mixture_log_density(
+    key,
+    w,
+    log_conditional: Callable,
+    eps0,
+    draw: Callable,
+    log_proposal: Callable,
+    num_mixing: int,
+    *,
+    chunk_size: int = 256,
+):
+    """IWHVI's ``log (1/(K+1)) sum_k q(w | eps_k) p(eps_k) / r(eps_k | w)`` for any reverse model.
+
+    ``eps_0 = eps0`` (the generating noise, (..., m)), ``eps_1..K`` from ``draw(key, n) ->
+    (..., n, m)``, a sampler of ``r(. | w)``; ``log_proposal(eps)`` is ``log r(eps | w)``
+    for eps (..., n, m), as (..., n); ``p = N(0, I)``. The weights ``p(x, z) / q^_K`` have
+    expectation ``p(x)`` for any ``r`` that depends on ``w`` alone. ``log_conditional`` as
+    in :func:`mixture_log_density`. Chunked with a running logsumexp.
+    """
+    if num_mixing < 0:
+        raise ValueError(f"num_mixing must be >= 0, got {num_mixing}")
+
+    def log_weight(eps):  # eps (..., n, m) -> log p(eps) - log r(eps | w), (..., n)
+        return -0.5 * jnp.sum(eps * eps + _LOG_2PI, axis=-1) - log_proposal(eps)
+
+    e0 = eps0[..., None, :]
+    own = (log_conditional(w[..., None, :], e0) + log_weight(e0))[..., 0]
+
+    def chunk_terms(k, n):
+        eps = draw(k, n)
+        return log_conditional(w[..., None, :], eps) + log_weight(eps)
+
+    return _log_mean_with_own(key, own, chunk_terms, num_mixing, chunk_size)
+
+
 def reverse_mixture_log_density(
     key,
     w,
@@ -146,30 +181,21 @@ def reverse_mixture_log_density(
     *,
     chunk_size: int = 256,
 ):
-    """IWHVI's ``log (1/(K+1)) sum_k q(w | eps_k) p(eps_k) / tau(eps_k | w)`` (module docstring).
+    """IWHVI's estimate (:func:`proposal_mixture_log_density`) with a diagonal Gaussian ``tau``.
 
-    ``eps_0 = eps0`` (the generating noise), ``eps_1..K ~ tau(. | w)``, drawn for each ``w``
-    separately (tau depends on it) and reparameterised. ``reverse(w) -> (loc, scale)``,
-    each (..., m), is the Gaussian reverse model; ``log_conditional`` as in
-    :func:`mixture_log_density`. Chunked with a running logsumexp.
+    ``reverse(w) -> (loc, scale)``, each (..., m), is the reverse model; the K fresh draws
+    are made for each ``w`` separately (tau depends on it) and reparameterised.
     """
-    if num_mixing < 0:
-        raise ValueError(f"num_mixing must be >= 0, got {num_mixing}")
     loc, scale = reverse(w)  # (..., m)
-    m = loc.shape[-1]
+    loc, scale = loc[..., None, :], scale[..., None, :]
 
-    def log_weight(eps):  # eps (..., n, m) -> log p(eps) - log tau(eps | w), (..., n)
-        prior = -0.5 * jnp.sum(eps * eps + _LOG_2PI, axis=-1)
-        return prior - gaussian_logpdf(eps, loc[..., None, :], scale[..., None, :])
+    def draw(k, n):
+        return loc + scale * jr.normal(k, loc.shape[:-2] + (n, loc.shape[-1]))
 
-    e0 = eps0[..., None, :]
-    own = (log_conditional(w[..., None, :], e0) + log_weight(e0))[..., 0]
-
-    def chunk_terms(k, n):  # fresh draws from tau(. | w), one set per w
-        eps = loc[..., None, :] + scale[..., None, :] * jr.normal(k, loc.shape[:-1] + (n, m))
-        return log_conditional(w[..., None, :], eps) + log_weight(eps)
-
-    return log_mean_with_own(key, own, chunk_terms, num_mixing, chunk_size)
+    return proposal_mixture_log_density(
+        key, w, log_conditional, eps0, draw, lambda eps: gaussian_logpdf(eps, loc, scale),
+        num_mixing, chunk_size=chunk_size,
+    )
 
 
 class SemiImplicit(WhitenedCoordinates, Family):
