@@ -244,11 +244,16 @@ def _jittered_cholesky(kzz, jitter, variance):
     eye = jnp.eye(kzz.shape[-1], dtype=kzz.dtype)
     fixed = jax.lax.stop_gradient(kzz)
     fixed_variance = jax.lax.stop_gradient(variance)
-    used = jnp.asarray(jitter * JITTER_ESCALATION[-1], kzz.dtype)
-    for factor in (*JITTER_ESCALATION[::-1][1:], 1.0):  # 10x, then 1x: the smallest that works
-        j = jnp.asarray(jitter * factor, kzz.dtype)
+
+    def choose(factors):  # the first jitter whose trial factor is finite (the last if none)
+        j = jnp.asarray(jitter * factors[0], kzz.dtype)
+        if len(factors) == 1:
+            return j
         works = jnp.all(jnp.isfinite(jnp.linalg.cholesky(fixed + (j * fixed_variance) * eye)))
-        used = jnp.where(works, j, used)
+        # only a failed trial pays for the next (a real cond: the predicate is parameter-only)
+        return jax.lax.cond(works, lambda: j, lambda: choose(factors[1:]))
+
+    used = choose((1.0, *JITTER_ESCALATION))
     return jnp.linalg.cholesky(kzz + (used * variance) * eye), used
 
 
