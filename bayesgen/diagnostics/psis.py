@@ -84,7 +84,7 @@ class SurrogateDensityError(ValueError):
 
 
 def _guide_kinds(guide, params, args, kwargs, key):
-    """Density kind of each latent guide site; refuse sites with no honest weight."""
+    """Density kind of each latent guide site, and the trace; refuse sites with no honest weight."""
     tr = handlers.trace(handlers.seed(handlers.substitute(guide, data=params), key)).get_trace(
         *args, **kwargs
     )
@@ -101,9 +101,8 @@ def _guide_kinds(guide, params, args, kwargs, key):
                 "from it would be wrong. Use a family with an exact density or one that "
                 "implements log_importance_density."
             )
-        proposal = getattr(site["fn"], "importance_proposal", None)
-        kinds[name] = kind if proposal is None else f"{kind}, {proposal} proposal"
-    return kinds
+        kinds[name] = kind
+    return kinds, tr
 
 
 def _guide_log_density(guide, params, args, kwargs, key, num_mixing):
@@ -192,10 +191,10 @@ def diagnose(result, *, num_samples: int = 4000, key=None, num_mixing: int = 100
     k_check, k_draw = jr.split(key)
     if not isinstance(num_mixing, int) or num_mixing < 1:
         raise ValueError(f"num_mixing must be a positive int, got {num_mixing!r}")
-    kinds = _guide_kinds(guide, params, args, kwargs, k_check)
+    kinds, trace = _guide_kinds(guide, params, args, kwargs, k_check)
     surrogate = sorted(n for n, k in kinds.items() if k != "exact")
-    notes = [n if "proposal" not in kinds[n] else f"{n} ({kinds[n].split(', ')[1]})"
-             for n in surrogate]
+    proposals = {n: getattr(trace[n]["fn"], "importance_proposal", None) for n in surrogate}
+    notes = [n if proposals[n] is None else f"{n} ({proposals[n]} proposal)" for n in surrogate]
     weights = (
         "exact log q" if not surrogate
         else f"extended space (mixing draws, K={num_mixing}) for {', '.join(notes)}"
