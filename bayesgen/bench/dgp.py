@@ -145,8 +145,9 @@ def dgp_uci_study(datasets, layers=(2,), methods=METHODS, *, num_splits=None, sp
     study that is stopped loses at most the fit in progress. With ``resume=True`` the fits
     already finished in that file with the same settings (:func:`row_key`) are not run
     again; their rows are returned with the new ones. Failed fits are run again (after a
-    fix, say); the new row replaces the failed one in :func:`read_rows`. A study split over processes or sessions
-    (``split_ids``) is put together with :func:`read_rows` and :func:`summarise`.
+    fix, say); the new row replaces the failed one in :func:`read_rows`. A study split over
+    processes or sessions (``split_ids``) is put together with :func:`read_rows` and
+    :func:`summarise`.
     """
     from bayesgen.datasets.uci import uci_splits
 

@@ -24,8 +24,8 @@ marginal q as K grows (default K = 1000; see :mod:`bayesgen.families.semi_implic
 fresh draws may come from a reverse model r(eps | z) and be importance-weighted (IWHVI):
 AutoSIVI's learned one (``reverse_model=True``) and LIVI's Laplace one (the default on small
 models, :func:`bayesgen.families.implicit.laplace_reverse`); the report's ``weights`` line
-names it. A plug-in log q from fresh draws only would be biased low and is never used. Families with a
-surrogate and no such method are refused with an explanation.
+names it. A plug-in log q from fresh draws only would be biased low and is never used.
+Families with a surrogate and no such method are refused with an explanation.
 
 References
 ----------
