@@ -357,7 +357,9 @@ def resolve_entropy_method(entropy: str, latent_dim: int, noise_dim: int) -> str
 def laplace_reverse(
     generator: Callable, w, sigma, noise_dim: int, num_iterations: int = LAPLACE_ITERATIONS
 ):
-    """Gauss-Newton Laplace approximation of ``q(eps | w) ∝ N(eps; 0, I) N(w; g(eps), s^2 I)``.
+    """Gauss-Newton Laplace approximation of LIVI's reverse conditional ``q(eps | w)``.
+
+    ``q(eps | w) ∝ N(eps; 0, I) N(w; g(eps), sigma^2 I)``.
 
     Minimises ``E(eps) = 1/2 ||w - g(eps)||^2 + sigma^2/2 ||eps||^2`` (sigma^2 times the
     negative log of the unnormalised ``q(eps | w)``) by Gauss-Newton steps ``(J^T J +
