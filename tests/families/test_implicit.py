@@ -316,7 +316,6 @@ def test_laplace_proposal_is_near_exact_for_a_one_to_one_generator_where_prior_d
     Laplace max 0.006, prior median 9.7).
     """
     g = _one_to_one_generator()
-    eps0 = None
     errors = {}
     for proposal, k in (("laplace", 10), ("prior", 1000)):
         fam = LinearisedImplicit(g, 2, 1e-3, jnp.zeros(2), jnp.ones(2),
