@@ -370,8 +370,12 @@ def _param_shapes(svi, state) -> dict[str, list[int]]:
 
 
 def _nonfinite(x) -> bool:
-    x = np.asarray(jax.device_get(x))
-    return np.issubdtype(x.dtype, np.inexact) and not np.all(np.isfinite(x))
+    """Whether an array, or any float leaf of a pytree (a flax nnx param), is not finite."""
+    for leaf in jax.tree.leaves(jax.device_get(x)):
+        leaf = np.asarray(leaf)
+        if np.issubdtype(leaf.dtype, np.inexact) and not np.all(np.isfinite(leaf)):
+            return True
+    return False
 
 
 def _state_finite(state) -> bool:

@@ -103,6 +103,35 @@ def test_bad_arguments_name_themselves():
         AutoDDVI(model, log_snr_max=-20.0)
 
 
+def test_dbvi_start_scale_floor_keeps_the_gradient_finite():
+    """A start scale driven to ~0 (yacht deep-GP fits reached 1e-19) made the stick-the-landing
+    term's gradient 0/0 in float32; the floor ``min_start_scale`` keeps it finite."""
+    def scales_and_grad(floor):
+        guide = AutoDBVI(model, num_steps=8, hidden=16, min_start_scale=floor)
+        svi = SVI(model, guide, optax.adam(1e-3), Trace_ELBO())
+        params = svi.get_params(svi.init(jr.key(0), Y))
+
+        def scales(p):
+            with numpyro.handlers.seed(rng_seed=0), numpyro.handlers.substitute(data=p):
+                return np.asarray(guide._start()[1])
+
+        np.testing.assert_allclose(scales(params), 1.0, rtol=1e-6)  # the untrained start
+        raw = params["auto_start_raw_scale_z"]
+        p = {**params, "auto_start_raw_scale_z": raw.at[0].set(-60.0)}  # a collapsed scale
+        grads = jax.grad(lambda q: Trace_ELBO().loss(jr.key(3), q, model, guide, Y))(p)
+        finite = all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+        return scales(p), finite
+
+    collapsed, finite = scales_and_grad(1e-3)
+    assert collapsed[0] == pytest.approx(1e-3, rel=1e-4) and finite
+    # without an effective floor the same parameters give a nonfinite gradient
+    collapsed, finite = scales_and_grad(1e-30)
+    assert collapsed[0] < 1e-20 and not finite
+    for bad in (0.0, 1.0, -1e-3, True, "1e-3"):
+        with pytest.raises(ValueError, match="min_start_scale"):
+            AutoDBVI(model, min_start_scale=bad)
+
+
 def test_dbvi_start_amortised_from_deep_gp_inducing_inputs():
     """AutoDBVI(context=model.start_context) on a deep GP: the start is a function of the
     model's inducing inputs, which the guide shares (gradients reach Z from the guide)."""

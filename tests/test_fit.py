@@ -271,6 +271,21 @@ def test_nonfinite_gradient_names_params():
     assert "x_auto_loc" in info.value.gradients
 
 
+def test_nonfinite_gradient_names_pytree_params():
+    """A param that is a pytree (as bayesgen's flax nnx params are) is checked leaf by leaf."""
+    def kink():
+        x = numpyro.sample("x", dist.Normal(3.0, 1.0))
+        numpyro.factor("f", jnp.sqrt(jnp.maximum(x, 0.0)) - 20.0 * x)  # d/dx is NaN for x < 0
+
+    def guide():
+        net = numpyro.param("net", {"loc": jnp.array(3.0), "log_scale": jnp.array(-2.0)})
+        numpyro.sample("x", dist.Normal(net["loc"], jnp.exp(net["log_scale"])))
+
+    with pytest.raises(NonFiniteLossError, match="gradient") as info:
+        fit(kink, guide, steps=300, optimizer=optax.adam(0.05), progress_bar=False)
+    assert info.value.gradients == ["net"] and "net" in str(info.value)
+
+
 def test_check_int_names_the_argument_and_refuses_bools():
     from bayesgen.errors import check_int
 

@@ -182,11 +182,24 @@ class AutoDBVI(AutoDDVI):
         the inducing inputs and is equivariant to their order). The guide reads the
         param's current value (it is shared with the model, not a copy). Sites not named
         get a constant learned start.
+    min_start_scale : floor of ``s`` (whitened units): ``s = min_start_scale +
+        softplus(raw)``, 1 at the start. Without it the fit is free to shrink ``s`` towards
+        0 (AutoDBVI deep-GP fits on yacht drove output-layer start scales to 1e-19 in 1400
+        steps), and the stick-the-landing term's derivative ``(u - mu)^2 / s^3`` then
+        underflows to 0/0 in float32: a NaN gradient with a finite loss. 1e-3 is far below
+        any scale the reference process resolves (its finest step has sd 0.0067 by
+        default) and far above float32 trouble.
     Other parameters as :class:`AutoDDVI`.
     """
 
     def __init__(self, model, *, log_snr_min: float = 0.0, context: dict | None = None,
-                 **kwargs):
+                 min_start_scale: float = 1e-3, **kwargs):
+        number = isinstance(min_start_scale, (int, float)) and not isinstance(min_start_scale,
+                                                                              bool)
+        if not (number and 0.0 < min_start_scale < 1.0):
+            raise ValueError(
+                f"min_start_scale must be a number in (0, 1), got {min_start_scale!r}")
+        self.min_start_scale = float(min_start_scale)
         if context is not None and (
             not isinstance(context, dict)
             or not all(isinstance(k, str) and isinstance(v, str) for k, v in context.items())
@@ -226,7 +239,8 @@ class AutoDBVI(AutoDDVI):
             self._context_templates[site] = net
 
     def _start(self):
-        offset = math.log(math.expm1(1.0))  # softplus(offset) = 1
+        floor = self.min_start_scale
+        offset = math.log(math.expm1(1.0 - floor))  # floor + softplus(offset) = 1
         locs, scales = [], []
         for site, value in self._init_locs.items():
             shape = jnp.shape(value)
@@ -243,5 +257,5 @@ class AutoDBVI(AutoDDVI):
                 loc = numpyro.param(f"{self.prefix}_start_loc_{site}", jnp.zeros(size))
                 raw = numpyro.param(f"{self.prefix}_start_raw_scale_{site}", jnp.zeros(size))
             locs.append(jnp.reshape(loc, -1))
-            scales.append(jnp.reshape(jax.nn.softplus(raw + offset), -1))
+            scales.append(jnp.reshape(floor + jax.nn.softplus(raw + offset), -1))
         return jnp.concatenate(locs), jnp.concatenate(scales)
