@@ -31,7 +31,7 @@ def test_a_diverged_split_is_counted_not_averaged_and_the_study_goes_on(monkeypa
     assert summary["dbvi"]["rmse"][0] == pytest.approx(2.0)  # splits 0 and 2 only
     assert not math.isnan(summary["dbvi"]["rmse"][1])
     table = dgp.format_dgp_table(dgp.summarise(rows))
-    assert "| 5000 | 0.001 | 2 (1 failed) |" in table
+    assert f"| dbvi | 5000 | {dgp.LEARNING_RATES['dbvi']:g} | 2 (1 failed) |" in table
 
 
 def test_split_ids_run_the_listed_splits_and_bad_ones_are_named(monkeypatch):
