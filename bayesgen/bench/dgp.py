@@ -21,7 +21,8 @@ Learning rates: DSVI's 1e-2 (Salimbeni & Deisenroth); 3e-3 for both diffusion gu
 networks diverge at 1e-2). AutoDBVI ran at 1e-3 for a while, after its fit on yacht split 1
 (2 layers, 10k steps) went nonfinite at 3e-3. Start scales driven towards 0 were behind the
 failures we traced (bridge round-off, then a 0/0 gradient); with the bridge rewritten and the
-scale floored (``AutoDBVI(min_start_scale=1e-3)``) it finishes all 20 yacht splits at 3e-3. All with cosine decay to a tenth.
+scale floored (``AutoDBVI(min_start_scale=1e-3)``) it finishes all 20 yacht splits at 3e-3.
+All with cosine decay to a tenth.
 
 Reported per method: test RMSE and test log-likelihood in the target's original units (the
 predictive mixture over ``num_samples`` posterior draws), mean and standard error over the
