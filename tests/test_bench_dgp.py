@@ -126,5 +126,14 @@ def test_paired_differences_use_the_splits_both_methods_finished():
     assert p["rmse"][0] == pytest.approx(-0.2) and p["rmse"][1] == pytest.approx(0.1)
     assert p["rmse_wins"] == 2 and p["test_ll_wins"] == 1
     assert p["test_ll"][0] == pytest.approx(-0.05)
-    assert "| yacht | 2 | ddvi - dsvi | 2 | -0.200 ± 0.100 | 2 | -0.050 ± 0.150 | 1 |" in (
+    assert "bound" not in p  # rows without final_loss: no bound comparison
+    assert "| yacht | 2 | ddvi - dsvi | 2 | -0.200 ± 0.100 | 2 | -0.050 ± 0.150 | 1 |  |  |" in (
         dgp.format_paired_table([p]))
+    # the training bound: minus the final loss, a's minus b's, median over splits
+    losses = {("dsvi", 0): 10.0, ("dsvi", 1): 20.0, ("ddvi", 0): 12.0, ("ddvi", 1): 5.0}
+    for r in rows:
+        if (r["method"], r["split"]) in losses:
+            r["final_loss"] = losses[r["method"], r["split"]]
+    (p,) = dgp.paired_differences(rows)
+    assert p["bound"] == pytest.approx((-2.0 + 15.0) / 2) and p["bound_wins"] == 1
+    assert "| 1 | +6.5 | 1 |" in dgp.format_paired_table([p])
