@@ -5,8 +5,10 @@ refuses the structures that bayesgen's guides cannot fit: discrete latent sites,
 sites inside a subsampled plate, and models without any latent site. Each message names
 the offending site (and plate) and says what to change.
 
-:func:`check_int` is the argument check the guides share for integer settings (widths,
-depths, counts): a bool is not an int here, and the message names the argument.
+:func:`check_int` and :func:`check_positive` are the argument checks the guides and models
+share for integer settings (widths, depths, counts) and positive real ones (scales, step
+sizes, jitter): a bool is not a number here, NaN and infinity are refused, and the message
+names the argument.
 
 :class:`NonFiniteLossError` is raised by :func:`bayesgen.fit` when the loss stops being
 finite; it carries the 1-based step and the sites and parameters found to be nonfinite.
@@ -14,6 +16,7 @@ finite; it carries the 1-based step and the sites and parameters found to be non
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -25,6 +28,7 @@ __all__ = [
     "ModelStructureError",
     "NonFiniteLossError",
     "check_int",
+    "check_positive",
     "check_model",
     "latent_layout",
     "subsampled_plates",
@@ -39,6 +43,20 @@ def check_int(name: str, value, *, minimum: int = 1, allow_none: bool = False) -
         return
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
         what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{name} must be {what}{' or None' if allow_none else ''}, "
+                         f"got {value!r}")
+
+
+def check_positive(name: str, value, *, below: float | None = None,
+                   allow_none: bool = False) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is a finite real number ``> 0``
+    (and ``< below`` when given; ``None`` passes when ``allow_none``; bools never do)."""
+    if value is None and allow_none:
+        return
+    number = isinstance(value, int | float | np.integer | np.floating) and not isinstance(
+        value, bool | np.bool_)
+    if not (number and math.isfinite(value) and value > 0 and (below is None or value < below)):
+        what = "a positive finite number" if below is None else f"a number in (0, {below:g})"
         raise ValueError(f"{name} must be {what}{' or None' if allow_none else ''}, "
                          f"got {value!r}")
 

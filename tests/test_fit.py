@@ -298,3 +298,22 @@ def test_check_int_names_the_argument_and_refuses_bools():
         check_int("hidden", None)
     with pytest.raises(ValueError, match=r"num_mixing must be an int >= 0 or None, got 2.5"):
         check_int("num_mixing", 2.5, minimum=0, allow_none=True)
+
+
+def test_check_positive_refuses_bools_nan_inf_and_names_the_argument():
+    from bayesgen.errors import check_positive
+
+    check_positive("step_size", 0.1)
+    check_positive("jitter", np.float32(1e-6))
+    check_positive("score_clip", None, allow_none=True)
+    check_positive("min_start_scale", 0.5, below=1.0)
+    for bad in (True, 0, -1.0, float("nan"), float("inf"), "0.1", None):
+        with pytest.raises(ValueError, match=r"step_size must be a positive finite number, got"):
+            check_positive("step_size", bad)
+    with pytest.raises(ValueError, match=r"min_start_scale must be a number in \(0, 1\)"):
+        check_positive("min_start_scale", 1.0, below=1.0)
+    # the guides and models use it: a bool is refused where an int/float check let it pass
+    from bayesgen.models.deep_gp import DeepGP
+
+    with pytest.raises(ValueError, match="jitter must be a positive finite number"):
+        DeepGP(np.zeros((4, 2), np.float32), jitter=True)

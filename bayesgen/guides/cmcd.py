@@ -11,7 +11,6 @@ subsampled plates.
 
 from __future__ import annotations
 
-import math
 
 import jax.numpy as jnp
 import numpyro
@@ -19,7 +18,7 @@ from flax import nnx
 from numpyro.distributions import constraints
 from numpyro.infer.initialization import init_to_median
 
-from bayesgen.errors import check_int
+from bayesgen.errors import check_int, check_positive
 from bayesgen.families.cmcd import ControlledMonteCarloDiffusion
 from bayesgen.families.stochastic_flow import linear_schedule, monotone_schedule
 from bayesgen.guides.base import ModelDensityGuide
@@ -77,15 +76,10 @@ class AutoCMCD(ModelDensityGuide):
         check_int("num_steps", num_steps)
         check_int("depth", depth, minimum=0)
         check_int("hidden", hidden, allow_none=True)
-        if not (isinstance(step_size, int | float) and math.isfinite(step_size)
-                and step_size > 0):
-            raise ValueError(f"step_size must be a positive number, got {step_size!r}")
+        check_positive("step_size", step_size)
         if schedule not in ("learned", "linear"):
             raise ValueError(f"schedule must be 'learned' or 'linear', got {schedule!r}")
-        if score_clip is not None and not (
-            isinstance(score_clip, int | float) and score_clip > 0
-        ):
-            raise ValueError(f"score_clip must be a positive number or None, got {score_clip!r}")
+        check_positive("score_clip", score_clip, allow_none=True)
         self.num_steps = num_steps
         self.step_size = float(step_size)
         self.use_control = bool(control)

@@ -97,7 +97,7 @@ from jax.flatten_util import ravel_pytree
 from numpyro.distributions import biject_to, constraints
 from numpyro.infer.initialization import init_to_median
 
-from bayesgen.errors import check_int
+from bayesgen.errors import check_int, check_positive
 from bayesgen.families.implicit import (
     ENTROPY_METHODS,
     IMPORTANCE_PROPOSALS,
@@ -210,9 +210,7 @@ class AutoLIVI(PreconditionedGuide):
                 f"generator), got {hidden!r}"
             )
         check_int("depth", depth, minimum=0, allow_none=True)
-        if not (isinstance(output_noise, int | float) and not isinstance(output_noise, bool)
-                and output_noise > 0):
-            raise ValueError(f"output_noise must be a positive float, got {output_noise!r}")
+        check_positive("output_noise", output_noise)
         if entropy not in ENTROPY_METHODS:
             raise ValueError(f"entropy must be one of {ENTROPY_METHODS}, got {entropy!r}")
         check_int("num_iterations", num_iterations)
@@ -231,8 +229,7 @@ class AutoLIVI(PreconditionedGuide):
                 )
             base_init_scale = "pathfinder" if init_scale == "pathfinder" else None
         elif isinstance(init_scale, int | float) and not isinstance(init_scale, bool):
-            if not init_scale > 0:
-                raise ValueError(f"init_scale must be positive when a number, got {init_scale!r}")
+            check_positive("init_scale", init_scale)
             base_init_scale = None
         else:
             base_init_scale = init_scale  # None or a pair: validated by the base class

@@ -30,7 +30,6 @@ random): AutoSNF refuses both at set-up.
 
 from __future__ import annotations
 
-import math
 
 import equinox as eqx
 import jax
@@ -39,6 +38,7 @@ import numpyro
 from numpyro.distributions import constraints
 from numpyro.infer.initialization import init_to_median
 
+from bayesgen.errors import check_positive
 from bayesgen.families.flows import build_flow
 from bayesgen.families.stochastic_flow import (
     StochasticNormalizingFlow,
@@ -191,14 +191,8 @@ class AutoSNF(ModelDensityGuide):
             raise ValueError(f"flow must be one of {SNF_FLOWS}, got {flow!r}")
         if affine not in ("auto", "tril", "diag"):
             raise ValueError(f"affine must be 'auto', 'tril' or 'diag', got {affine!r}")
-        if step_size is not None and not (
-            isinstance(step_size, int | float) and math.isfinite(step_size) and step_size > 0
-        ):
-            raise ValueError(f"step_size must be a positive number or None, got {step_size!r}")
-        if score_clip is not None and not (
-            isinstance(score_clip, int | float) and score_clip > 0
-        ):
-            raise ValueError(f"score_clip must be a positive number or None, got {score_clip!r}")
+        check_positive("step_size", step_size, allow_none=True)
+        check_positive("score_clip", score_clip, allow_none=True)
         if langevin_space not in ("interleaved", "latent"):
             raise ValueError(
                 f"langevin_space must be 'interleaved' or 'latent', got {langevin_space!r}"

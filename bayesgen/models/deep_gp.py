@@ -114,6 +114,8 @@ from numpyro.infer import TraceMeanField_ELBO
 from numpyro.infer.autoguide import AutoGuide
 from numpyro.util import not_jax_tracer
 
+from bayesgen.errors import check_positive
+
 __all__ = [
     "AutoDSVI",
     "ColumnwiseMultivariateNormal",
@@ -463,16 +465,11 @@ class DeepGP:
             )
         for name, value in (("jitter", jitter), ("noise_init", noise_init),
                             ("kernel_variance_init", kernel_variance_init)):
-            if not (isinstance(value, int | float) and value > 0):
-                raise ValueError(f"{name} must be a positive float, got {value!r}")
+            check_positive(name, value)
         if noise_init <= NOISE_FLOOR:
             raise ValueError(
                 f"noise_init must exceed the noise floor {NOISE_FLOOR}, got {noise_init!r}")
-        if lengthscale_init is not None and not (
-            isinstance(lengthscale_init, int | float) and lengthscale_init > 0
-        ):
-            raise ValueError(
-                f"lengthscale_init must be None or a positive float, got {lengthscale_init!r}")
+        check_positive("lengthscale_init", lengthscale_init, allow_none=True)
 
         n, d_in = x.shape
         out_dim = num_classes if likelihood == "categorical" else 1
@@ -989,9 +986,8 @@ class AutoDSVI(AutoGuide):
 
     def __init__(self, model, *, prefix: str = "dsvi", init_scale: float = 1e-5,
                  last_init_scale: float = 1.0):
-        for name, value in (("init_scale", init_scale), ("last_init_scale", last_init_scale)):
-            if not (isinstance(value, int | float) and value > 0):
-                raise ValueError(f"{name} must be a positive float, got {value!r}")
+        check_positive("init_scale", init_scale)
+        check_positive("last_init_scale", last_init_scale)
         self.init_scale = float(init_scale)
         self.last_init_scale = float(last_init_scale)
         self._site_shapes: dict[str, tuple[int, int]] = {}
