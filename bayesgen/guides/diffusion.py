@@ -22,7 +22,7 @@ from flax import nnx
 from numpyro.distributions import constraints
 from numpyro.infer.initialization import init_to_median
 
-from bayesgen.errors import check_int
+from bayesgen.errors import check_int, check_positive
 from bayesgen.families.diffusion import DenoisingDiffusion, log_snr_schedule
 from bayesgen.families.stochastic_flow import bijection_block, chain_layers
 from bayesgen.guides.base import PreconditionedGuide
@@ -194,11 +194,7 @@ class AutoDBVI(AutoDDVI):
 
     def __init__(self, model, *, log_snr_min: float = 0.0, context: dict | None = None,
                  min_start_scale: float = 1e-3, **kwargs):
-        number = isinstance(min_start_scale, (int, float)) and not isinstance(min_start_scale,
-                                                                              bool)
-        if not (number and 0.0 < min_start_scale < 1.0):
-            raise ValueError(
-                f"min_start_scale must be a number in (0, 1), got {min_start_scale!r}")
+        check_positive("min_start_scale", min_start_scale, below=1.0)
         self.min_start_scale = float(min_start_scale)
         if context is not None and (
             not isinstance(context, dict)
