@@ -224,6 +224,9 @@ def dgp_main(argv):
     p.add_argument("--inducing", type=int, default=100)
     p.add_argument("--samples", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--options", type=json.loads, default={},
+                   help='JSON guide options per method, e.g. \'{"dbvi": {"log_snr_min": -10}}\' '
+                   "(kept in each row; the tables list such a variant as its own method)")
     p.add_argument("--out", default="outputs/bench-dgp",
                    help="folder for results.md, results.json and rows.jsonl (one row a fit, "
                    "written as each fit ends)")
@@ -241,7 +244,7 @@ def dgp_main(argv):
         rows = dgp_uci_study(a.datasets, a.layers, a.methods, num_splits=a.splits,
                              split_ids=a.split_ids, steps=a.steps,
                              learning_rate=a.lr, batch_size=a.batch, num_inducing=a.inducing,
-                             num_samples=a.samples, seed=a.seed,
+                             num_samples=a.samples, seed=a.seed, method_options=a.options,
                              rows_path=os.path.join(a.out, "rows.jsonl"), resume=a.resume)
     table = format_dgp_table(summarise(rows))
     paired = paired_differences(rows)

@@ -137,3 +137,36 @@ def test_paired_differences_use_the_splits_both_methods_finished():
     (p,) = dgp.paired_differences(rows)
     assert p["bound"] == pytest.approx((-2.0 + 15.0) / 2) and p["bound_wins"] == 1
     assert "| 1 | +6.5 | 1 |" in dgp.format_paired_table([p])
+
+
+def test_method_options_make_a_variant_kept_apart_in_tables_and_pairs(monkeypatch, tmp_path):
+    seen = []
+
+    def fake_split(dataset, split, num_layers, method, **options):
+        seen.append((method, options.get("guide_options")))
+        shift = 0.5 if options.get("guide_options") else 0.0
+        return {"dataset": dataset, "split": split, "layers": num_layers, "method": method,
+                "rmse": 1.0 + split - shift, "test_ll": -1.0 - split, "final_loss": 0.0,
+                "wall_s": 1.0, **dgp.run_settings(method, **options)}
+
+    monkeypatch.setattr(dgp, "run_dgp_split", fake_split)
+    path = str(tmp_path / "rows.jsonl")
+    base = dgp.dgp_uci_study(["yacht"], (2,), ("ddvi", "dbvi"), num_splits=2,
+                             log=lambda _: None, rows_path=path)
+    variant = dgp.dgp_uci_study(["yacht"], (2,), ("dbvi",), num_splits=2, log=lambda _: None,
+                                rows_path=path, resume=True,
+                                method_options={"dbvi": {"log_snr_min": -10.0}})
+    assert ("dbvi", {"log_snr_min": -10.0}) in seen and ("ddvi", None) in seen
+    assert len(variant) == 2  # the resumed log had only the default dbvi: the variant ran
+    rows = dgp.read_rows([path])
+    assert len(rows) == len(base) + 2
+    labels = {s["method"] for s in dgp.summarise(rows)}
+    assert labels == {"ddvi", "dbvi", 'dbvi {"log_snr_min": -10.0}'}
+    claims = {p["claim"]: p for p in dgp.paired_differences(rows)}
+    assert set(claims) == {"dbvi - ddvi", 'dbvi {"log_snr_min": -10.0} - ddvi'}
+    assert claims['dbvi {"log_snr_min": -10.0} - ddvi']["rmse"][0] == pytest.approx(-0.5)
+    with pytest.raises(ValueError, match="method_options names methods not in methods: dsvi"):
+        dgp.dgp_uci_study(["yacht"], (2,), ("dbvi",), method_options={"dsvi": {}})
+    with pytest.raises(ValueError, match="method_options must be a dict"):
+        dgp.dgp_uci_study(["yacht"], (2,), ("dbvi",), method_options={"dbvi": 3})
+

@@ -114,6 +114,13 @@ def row_key(row):
             tuple((k, json.dumps(row.get(k), sort_keys=True)) for k in _SETTING_KEYS))
 
 
+def method_label(row):
+    """The method of a row, with its guide options when it has any: ``'dbvi'`` or
+    ``'dbvi {"log_snr_min": -10.0}'``. Tables and pairings keep such variants apart."""
+    opts = row.get("guide_options") or {}
+    return row["method"] + (f" {json.dumps(opts, sort_keys=True)}" if opts else "")
+
+
 def read_rows(paths):
     """Rows from ``rows.jsonl`` logs (one JSON object a line), in order, without repeats.
 
@@ -137,7 +144,7 @@ def read_rows(paths):
 
 
 def dgp_uci_study(datasets, layers=(2,), methods=METHODS, *, num_splits=None, split_ids=None,
-                  log=print, rows_path=None, resume=False, **options):
+                  log=print, rows_path=None, resume=False, method_options=None, **options):
     """Every method, depth and split; returns the per-split rows.
 
     ``num_splits`` runs the first N splits of each dataset (default all); ``split_ids`` runs
@@ -150,6 +157,9 @@ def dgp_uci_study(datasets, layers=(2,), methods=METHODS, *, num_splits=None, sp
     fix, say); the new row replaces the failed one in :func:`read_rows`. A study split over
     processes or sessions (``split_ids``) is put together with :func:`read_rows` and
     :func:`summarise`.
+
+    ``method_options``: ``{method: guide options}`` for :func:`make_dgp_guide`, e.g.
+    ``{"dbvi": {"log_snr_min": -10.0}}`` (stored in each row; tables label the variant).
     """
     from bayesgen.datasets.uci import uci_splits
 
@@ -160,6 +170,16 @@ def dgp_uci_study(datasets, layers=(2,), methods=METHODS, *, num_splits=None, sp
         raise ValueError("pass num_splits (the first N splits) or split_ids, not both")
     if resume and rows_path is None:
         raise ValueError("resume=True needs rows_path, the row log to resume from")
+    method_options = method_options or {}
+    if not (isinstance(method_options, dict)
+            and all(isinstance(v, dict) for v in method_options.values())):
+        raise ValueError("method_options must be a dict {method: {option: value}}, got "
+                         f"{method_options!r}")
+    unknown = sorted(set(method_options) - set(methods))
+    if unknown:
+        raise ValueError(f"method_options names methods not in methods: {', '.join(unknown)}")
+    if method_options and options.get("guide_options"):
+        raise ValueError("pass guide_options (every method) or method_options, not both")
     done = {}
     if resume and os.path.exists(rows_path):
         done = {row_key(r): r for r in read_rows([rows_path]) if "failed" not in r}
@@ -171,8 +191,8 @@ def dgp_uci_study(datasets, layers=(2,), methods=METHODS, *, num_splits=None, sp
             with open(rows_path, "a") as f:
                 f.write(json.dumps(row, default=float) + "\n")
 
-    settings = {k: options[k] for k in ("steps", "learning_rate", "batch_size", "num_inducing",
-                                        "num_samples", "seed", "guide_options") if k in options}
+    common = {k: options[k] for k in ("steps", "learning_rate", "batch_size", "num_inducing",
+                                      "num_samples", "seed", "guide_options") if k in options}
     for dataset in datasets:
         total = len(uci_splits(dataset))
         if split_ids is not None:
@@ -186,6 +206,9 @@ def dgp_uci_study(datasets, layers=(2,), methods=METHODS, *, num_splits=None, sp
         for num_layers in layers:
             for split in splits:
                 for method in methods:
+                    settings = dict(common)
+                    if method in method_options:
+                        settings["guide_options"] = method_options[method]
                     key = row_key({"dataset": dataset, "layers": num_layers, "method": method,
                                    "split": split, **run_settings(method, **settings)})
                     if key in done:
@@ -194,7 +217,8 @@ def dgp_uci_study(datasets, layers=(2,), methods=METHODS, *, num_splits=None, sp
                         rows.append(done[key])
                         continue
                     try:
-                        row = run_dgp_split(dataset, split, num_layers, method, **options)
+                        row = run_dgp_split(dataset, split, num_layers, method,
+                                            **{**options, **settings})
                     except NonFiniteLossError as err:  # one diverged fit: count it, go on
                         first = str(err).split(". ")[0]
                         where = ", ".join(err.sites + err.params + [
@@ -207,22 +231,23 @@ def dgp_uci_study(datasets, layers=(2,), methods=METHODS, *, num_splits=None, sp
                                 "nonfinite_gradients": err.gradients,
                                 **run_settings(method, **settings)})
                         continue
-                    log(f"[bench-dgp] {dataset} L={num_layers} split {split} {method}: "
-                        f"RMSE {row['rmse']:.3f}, test LL {row['test_ll']:.3f}, "
+                    log(f"[bench-dgp] {dataset} L={num_layers} split {split} "
+                        f"{method_label(row)}: RMSE {row['rmse']:.3f}, test LL {row['test_ll']:.3f}, "
                         f"{row['wall_s']:.0f} s")
                     record(row)
     return rows
 
 
 def summarise(rows):
-    """Mean and standard error over the finished splits per (dataset, layers, method, steps, lr).
+    """Mean and standard error over the finished splits per (dataset, layers, method, steps, lr);
+    a method's variants with guide options (:func:`method_label`) are separate methods.
 
     Splits whose fit failed (rows with ``"failed"``) are counted in ``failed``, not averaged.
     Rows fitted with other steps or learning rates form their own groups.
     """
     groups = {}
     for r in rows:
-        key = (r["dataset"], r["layers"], r["method"], r.get("steps"), r.get("lr"))
+        key = (r["dataset"], r["layers"], method_label(r), r.get("steps"), r.get("lr"))
         groups.setdefault(key, []).append(r)
     out = []
     for (dataset, layers, method, steps, lr), all_rs in groups.items():
@@ -256,6 +281,8 @@ def paired_differences(rows, pairs=CLAIMS):
     how many splits ``a`` won on each (lower RMSE, higher LL). Pairing by split removes the
     split-to-split spread that dominates the unpaired standard errors. Rows are paired
     within one learning rate per method as given: pass rows of one setting per method.
+    Variants with guide options (:func:`method_label`) are paired as methods of their own:
+    each variant of ``a`` against each of ``b``.
 
     Where both rows carry ``final_loss`` (the training loss, minus the bound, averaged over
     the fit's last tenth), ``bound`` is the median over splits of ``a``'s bound minus
@@ -268,31 +295,35 @@ def paired_differences(rows, pairs=CLAIMS):
     for r in rows:
         if "failed" not in r:
             cells.setdefault((r["dataset"], r["layers"]), {}).setdefault(
-                r["method"], {})[r["split"]] = r
+                method_label(r), {})[r["split"]] = r
     out = []
     for (dataset, layers), by_method in cells.items():
-        for a, b in pairs:
-            if a not in by_method or b not in by_method:
-                continue
-            splits = sorted(set(by_method[a]) & set(by_method[b]))
-            if not splits:
-                continue
-            row = {"dataset": dataset, "layers": layers, "claim": f"{a} - {b}",
-                   "splits": len(splits)}
-            for key, better in (("rmse", np.less), ("test_ll", np.greater)):
-                va = np.array([by_method[a][i][key] for i in splits])
-                vb = np.array([by_method[b][i][key] for i in splits])
-                diff = va - vb
-                se = diff.std(ddof=1) / math.sqrt(len(diff)) if len(diff) > 1 else float("nan")
-                row[key] = (float(diff.mean()), float(se))
-                row[f"{key}_wins"] = int(better(va, vb).sum())
-            if all("final_loss" in by_method[m][i] for m in (a, b) for i in splits):
-                bound = np.array([by_method[b][i]["final_loss"] - by_method[a][i]["final_loss"]
-                                  for i in splits])
-                row["bound"] = float(np.median(bound))
-                row["bound_wins"] = int((bound > 0).sum())
-            out.append(row)
+        for base_a, base_b in pairs:
+            for a, b in [(a, b) for a in by_method for b in by_method
+                         if a.split(" ")[0] == base_a and b.split(" ")[0] == base_b]:
+                _pair(out, dataset, layers, a, b, by_method)
     return out
+
+
+def _pair(out, dataset, layers, a, b, by_method):
+    """Append the paired row of ``a - b`` over the splits both finished (none: nothing)."""
+    splits = sorted(set(by_method[a]) & set(by_method[b]))
+    if not splits:
+        return
+    row = {"dataset": dataset, "layers": layers, "claim": f"{a} - {b}", "splits": len(splits)}
+    for key, better in (("rmse", np.less), ("test_ll", np.greater)):
+        va = np.array([by_method[a][i][key] for i in splits])
+        vb = np.array([by_method[b][i][key] for i in splits])
+        diff = va - vb
+        se = diff.std(ddof=1) / math.sqrt(len(diff)) if len(diff) > 1 else float("nan")
+        row[key] = (float(diff.mean()), float(se))
+        row[f"{key}_wins"] = int(better(va, vb).sum())
+    if all("final_loss" in by_method[m][i] for m in (a, b) for i in splits):
+        bound = np.array([by_method[b][i]["final_loss"] - by_method[a][i]["final_loss"]
+                          for i in splits])
+        row["bound"] = float(np.median(bound))
+        row["bound_wins"] = int((bound > 0).sum())
+    out.append(row)
 
 
 def format_paired_table(paired):
