@@ -26,7 +26,8 @@ All with cosine decay to a tenth.
 
 Reported per method: test RMSE and test log-likelihood in the target's original units (the
 predictive mixture over ``num_samples`` posterior draws), mean and standard error over the
-splits, and the fit's wall time.
+splits, and the fit's wall time. Each row also keeps the final training loss and the learned
+likelihood noise variance (standardised units), to tell a fit that under- or over-smooths.
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ def run_dgp_split(dataset, split, num_layers, method, *, steps=5000, learning_ra
     tail = np.asarray(result.losses)[-max(1, steps // 10):]
     return {"dataset": dataset, "split": split, "layers": num_layers, "method": method,
             "rmse": float(rmse), "test_ll": float(loglik), "final_loss": float(tail.mean()),
+            "noise_variance": float(result.params["noise_variance"]),
             "wall_s": wall, **run_settings(method, steps=steps, learning_rate=learning_rate,
                                            batch_size=batch_size, num_inducing=num_inducing,
                                            num_samples=num_samples, seed=seed,
