@@ -85,7 +85,9 @@ class NonFiniteLossError(FloatingPointError):
     params : list of str
         Parameters (``numpyro.param`` sites) holding nonfinite entries at that step.
     gradients : list of str
-        Parameters whose gradient was nonfinite when the failing step was replayed.
+        Parameters whose gradient was nonfinite when the failing step was replayed (under
+        jit, as the fit ran, and eagerly), then those whose gradient was finite but too
+        large to square in its float type (it overflows Adam's second moment).
     """
 
     def __init__(

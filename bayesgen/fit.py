@@ -12,6 +12,7 @@ Nothing here is required to use bayesgen's guides: they work in a hand-written S
 from __future__ import annotations
 
 import dataclasses
+import math
 import json
 import os
 import time
@@ -378,6 +379,19 @@ def _nonfinite(x) -> bool:
     return False
 
 
+def _max_abs_over_square_limit(x) -> float:
+    """The largest ``|x|`` among float leaves whose square overflows their dtype (0 if none):
+    a finite gradient that large makes Adam's second moment ``g^2`` infinite."""
+    worst = 0.0
+    for leaf in jax.tree.leaves(jax.device_get(x)):
+        leaf = np.asarray(leaf)
+        if np.issubdtype(leaf.dtype, np.floating) and leaf.size:
+            m = float(np.max(np.abs(leaf)))
+            if math.isfinite(m) and m > math.sqrt(float(np.finfo(leaf.dtype).max)):
+                worst = max(worst, m)
+    return worst
+
+
 def _state_finite(state) -> bool:
     leaves = [
         x
@@ -500,8 +514,11 @@ def _particle_keys(loss, rng_key):
     return [rng_key]
 
 
-def _diagnose_nonfinite(svi, state, args, kwargs) -> tuple[list[str], list[str], list[str], list[str]]:
+def _diagnose_nonfinite(svi, state, args, kwargs):
     """Replay one step from ``state``; list nonfinite sites, params and gradients.
+
+    Returns ``(sites, site_names, bad_params, bad_grads, overflowing)``, the last a dict
+    ``{param: max |gradient|}`` of finite gradients whose square overflows.
 
     The step's randomness is reproduced exactly as ``SVI.update`` and ``Trace_ELBO`` draw
     it (``split(state.rng_key)[1]``, split again per particle, then into model and guide
@@ -561,17 +578,37 @@ def _diagnose_nonfinite(svi, state, args, kwargs) -> tuple[list[str], list[str],
             return out["loss"]
         return svi.loss.loss(rng_key_step, cp, svi.model, svi.guide, *args, **kwargs)
 
-    try:
-        with validation_enabled(False):
-            grads = jax.grad(loss_of)(unconstrained)
-        bad_grads = [name for name, g in grads.items() if _nonfinite(g)]
-    except Exception:  # noqa: BLE001
-        bad_grads = []
-    return sites, site_names, bad_params, bad_grads
+    # the fit differentiates under jit, where XLA's fusion can turn a borderline 0/0 or
+    # overflow into NaN that the eager replay does not reproduce: look at both
+    # A finite gradient whose square overflows makes Adam's second moment infinite: the
+    # optimiser state turns nonfinite while every gradient is finite; name those too.
+    bad_grads, overflowing = [], {}
+    for transform in (jax.jit, lambda f: f):
+        try:
+            with validation_enabled(False):
+                grads = transform(jax.grad(loss_of))(unconstrained)
+        except Exception:  # noqa: BLE001 - diagnosis must not mask the real error
+            continue
+        for n, g in grads.items():
+            if n in bad_grads or n in overflowing:
+                continue
+            if _nonfinite(g):
+                bad_grads.append(n)
+            elif (m := _max_abs_over_square_limit(g)) > 0:
+                overflowing[n] = m
+    return sites, site_names, bad_params, bad_grads, overflowing
 
 
-def _nonfinite_error(step, kind, sites, bad_params, bad_grads, site_names) -> NonFiniteLossError:
-    if kind == "loss":
+def _nonfinite_error(step, kind, sites, bad_params, bad_grads, site_names,
+                     overflowing=None) -> NonFiniteLossError:
+    overflowing = overflowing or {}
+    if kind == "params" and overflowing and not (bad_grads or bad_params or sites):
+        head = (
+            f"The optimiser's state became nonfinite in the update of step {step}: the loss "
+            "and the gradient were finite, but the gradient was too large to square in its "
+            "float type, so Adam's second moment overflowed."
+        )
+    elif kind == "loss":
         head = (
             f"The loss became nonfinite at step {step} (1-based; the loss of step k is evaluated "
             f"at the parameters after k - 1 updates)."
@@ -586,9 +623,12 @@ def _nonfinite_error(step, kind, sites, bad_params, bad_grads, site_names) -> No
         parts.append("Nonfinite at that step: " + ", ".join(sites) + ".")
     if bad_grads:
         parts.append("Nonfinite gradient for params: " + ", ".join(bad_grads) + ".")
+    if overflowing:
+        parts.append("Gradients whose square overflows (largest |g|): " + ", ".join(
+            f"{n} ({m:.3g})" for n, m in overflowing.items()) + ".")
     if bad_params:
         parts.append("Nonfinite params: " + ", ".join(bad_params) + ".")
-    if kind == "params" and not sites:
+    if kind == "params" and not sites and not overflowing:
         parts.append(
             "No site value or log density was nonfinite, so a derivative is: look for sqrt, "
             "log or a power at 0, or a jnp.where/clip whose unused branch is nonfinite."
@@ -607,7 +647,7 @@ def _nonfinite_error(step, kind, sites, bad_params, bad_grads, site_names) -> No
     )
     return NonFiniteLossError(
         " ".join([head, *parts, advice]), step=step, sites=site_names, params=bad_params,
-        gradients=bad_grads,
+        gradients=bad_grads + [n for n in overflowing if n not in bad_grads],
     )
 
 
@@ -922,8 +962,9 @@ def _replay_failure(svi, run_chunk, chunk_state, chunk_start, fail_step, kind, a
             kind, fail_step = "params", fail_step - 1
     if kind == "params":
         state = state_after(fail_step - 1)
-    sites, names, bad_params, bad_grads = _diagnose_nonfinite(svi, state, args, kwargs)
-    return _nonfinite_error(fail_step, kind, sites, bad_params, bad_grads, names)
+    sites, names, bad_params, bad_grads, overflowing = _diagnose_nonfinite(
+        svi, state, args, kwargs)
+    return _nonfinite_error(fail_step, kind, sites, bad_params, bad_grads, names, overflowing)
 
 
 def _progress(enabled: bool, total: int, initial: int):

@@ -286,6 +286,24 @@ def test_nonfinite_gradient_names_pytree_params():
     assert info.value.gradients == ["net"] and "net" in str(info.value)
 
 
+def test_a_finite_gradient_too_large_to_square_is_named():
+    """A finite gradient above sqrt(float32 max) overflows Adam's second moment: the state
+    turns nonfinite while every replayed gradient is finite (AutoDBVI deep-GP fits hit this
+    with |g| ~ 1e21-1e24), and the error says so and names the param."""
+    def steep():
+        x = numpyro.sample("x", dist.Normal(0.0, 100.0))
+        numpyro.factor("f", -jnp.exp(x))  # at x = 46: |d/dx| ~ 1e20, finite; its square is not
+
+    def guide():
+        loc = numpyro.param("loc", jnp.array(46.0))
+        numpyro.sample("x", dist.Normal(loc, 1e-3))
+
+    with pytest.raises(NonFiniteLossError, match="Adam's second moment overflowed") as info:
+        fit(steep, guide, steps=5, optimizer=optax.adam(0.01), progress_bar=False)
+    assert info.value.gradients == ["loc"] and "loc (" in str(info.value)
+    assert "look for sqrt" not in str(info.value)  # not a 0/0: the hint would mislead
+
+
 def test_check_int_names_the_argument_and_refuses_bools():
     from bayesgen.errors import check_int
 

@@ -225,7 +225,8 @@ def dgp_uci_study(datasets, layers=(2,), methods=METHODS, *, num_splits=None, sp
                         first = str(err).split(". ")[0]
                         where = ", ".join(err.sites + err.params + [
                             f"gradient of {g}" for g in err.gradients]) or "no site named"
-                        log(f"[bench-dgp] {dataset} L={num_layers} split {split} {method}: "
+                        label = method_label({"method": method, **settings})
+                        log(f"[bench-dgp] {dataset} L={num_layers} split {split} {label}: "
                             f"FAILED ({first}; nonfinite: {where})")
                         record({"dataset": dataset, "split": split, "layers": num_layers,
                                 "method": method, "failed": first,
