@@ -227,6 +227,8 @@ def dgp_main(argv):
     p.add_argument("--options", type=json.loads, default={},
                    help='JSON guide options per method, e.g. \'{"dbvi": {"log_snr_min": -10}}\' '
                    "(kept in each row; the tables list such a variant as its own method)")
+    p.add_argument("--clip-norm", type=float, default=None,
+                   help="clip the gradient's global norm before Adam (default: no clipping)")
     p.add_argument("--out", default="outputs/bench-dgp",
                    help="folder for results.md, results.json and rows.jsonl (one row a fit, "
                    "written as each fit ends)")
@@ -245,6 +247,7 @@ def dgp_main(argv):
                              split_ids=a.split_ids, steps=a.steps,
                              learning_rate=a.lr, batch_size=a.batch, num_inducing=a.inducing,
                              num_samples=a.samples, seed=a.seed, method_options=a.options,
+                             clip_norm=a.clip_norm,
                              rows_path=os.path.join(a.out, "rows.jsonl"), resume=a.resume)
     table = format_dgp_table(summarise(rows))
     paired = paired_differences(rows)

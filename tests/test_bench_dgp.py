@@ -175,8 +175,32 @@ def test_method_options_make_a_variant_kept_apart_in_tables_and_pairs(monkeypatc
 def test_one_real_split_gives_a_complete_row():
     """A (very short) real fit: the row has the metrics, the final loss and the learned noise."""
     row = dgp.run_dgp_split("yacht", 0, 2, "dsvi", steps=20, batch_size=64, num_inducing=10,
-                            num_samples=5)
+                            num_samples=5, clip_norm=100.0)
+    assert row["clip_norm"] == 100.0
     for key in ("rmse", "test_ll", "final_loss", "noise_variance", "wall_s"):
         assert math.isfinite(row[key]), key
     assert row["noise_variance"] > 0 and row["rmse"] > 0
     assert dgp.row_key(row) == dgp.row_key({**row, "noise_variance": 1.0})  # not a setting
+
+
+def test_clip_norm_is_a_setting_old_rows_resume_and_clipped_rows_are_their_own_method(
+        monkeypatch, tmp_path):
+    ran = []
+    monkeypatch.setattr(dgp, "run_dgp_split", _fake_rows(ran))
+    path = tmp_path / "rows.jsonl"
+    old = {"dataset": "yacht", "split": 0, "layers": 2, "method": "ddvi", "rmse": 1.0,
+           "test_ll": -1.0, "final_loss": 0.0, "wall_s": 1.0,
+           **dgp.run_settings("ddvi", steps=100)}
+    del old["clip_norm"]  # a row written before the setting existed
+    path.write_text(json.dumps(old) + "\n")
+    dgp.dgp_uci_study(["yacht"], (2,), ("ddvi",), num_splits=1, rows_path=str(path),
+                      resume=True, log=lambda _: None, steps=100)
+    assert ran == []  # unclipped: the old row is the same fit
+    dgp.dgp_uci_study(["yacht"], (2,), ("ddvi",), num_splits=1, rows_path=str(path),
+                      resume=True, log=lambda _: None, steps=100, clip_norm=10.0)
+    assert ran == [("ddvi", 0)]
+    labels = {s["method"] for s in dgp.summarise(dgp.read_rows([str(path)]))}
+    assert labels == {"ddvi", "ddvi clip=10"}
+    with pytest.raises(ValueError, match="clip_norm must be a positive finite number"):
+        dgp.dgp_uci_study(["yacht"], (2,), ("ddvi",), clip_norm=0.0)
+

@@ -40,9 +40,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from bayesgen.datasets.uci import load_uci
-from bayesgen.errors import NonFiniteLossError
+from bayesgen.errors import NonFiniteLossError, check_positive
 from bayesgen.fit import default_optimizer, fit
 from bayesgen.models.deep_gp import AutoDSVI, DeepGP, deep_gp_predict, deep_gp_regression_metrics
 
@@ -65,8 +66,13 @@ def make_dgp_guide(method: str, model: DeepGP, **options):
 
 def run_dgp_split(dataset, split, num_layers, method, *, steps=5000, learning_rate=None,
                   batch_size=256, num_inducing=100, num_samples=100, seed=0,
-                  guide_options=None):
-    """Fit one method on one split; returns a result row (dict)."""
+                  guide_options=None, clip_norm=None):
+    """Fit one method on one split; returns a result row (dict).
+
+    ``clip_norm``: clip the gradient's global norm to this before Adam (``None``: no
+    clipping, the study's default). A gradient whose square overflows float32 (|g| above
+    1.8e19) breaks Adam's second moment; clipping is the usual remedy.
+    """
     data = load_uci(dataset, split)
     n = data.x_train.shape[0]
     model = DeepGP(data.x_train, num_layers=num_layers,
@@ -74,10 +80,12 @@ def run_dgp_split(dataset, split, num_layers, method, *, steps=5000, learning_ra
     guide = make_dgp_guide(method, model, **(guide_options or {}))
     batch = None if batch_size is None or batch_size >= n else batch_size
     learning_rate = learning_rate or LEARNING_RATES[method]
+    optimizer = default_optimizer(steps, learning_rate)
+    if clip_norm is not None:
+        optimizer = optax.chain(optax.clip_by_global_norm(float(clip_norm)), optimizer)
     t0 = time.perf_counter()
-    result = fit(model, guide, data.x_train, data.y_train, steps=steps,
-                 optimizer=default_optimizer(steps, learning_rate), progress_bar=False,
-                 seed=seed, batch_size=batch)
+    result = fit(model, guide, data.x_train, data.y_train, steps=steps, optimizer=optimizer,
+                 progress_bar=False, seed=seed, batch_size=batch)
     wall = time.perf_counter() - t0
     draws = result.sample(jax.random.key(seed + 1), num_samples=num_samples)
     pred = deep_gp_predict(model, draws, result.params, data.x_test,
@@ -91,11 +99,11 @@ def run_dgp_split(dataset, split, num_layers, method, *, steps=5000, learning_ra
             "wall_s": wall, **run_settings(method, steps=steps, learning_rate=learning_rate,
                                            batch_size=batch_size, num_inducing=num_inducing,
                                            num_samples=num_samples, seed=seed,
-                                           guide_options=guide_options)}
+                                           guide_options=guide_options, clip_norm=clip_norm)}
 
 
 def run_settings(method, *, steps=5000, learning_rate=None, batch_size=256, num_inducing=100,
-                 num_samples=100, seed=0, guide_options=None):
+                 num_samples=100, seed=0, guide_options=None, clip_norm=None):
     """The settings that make two rows of one (dataset, layers, split, method) comparable.
 
     Stored in every row, so a row log (``rows.jsonl``) can be resumed or merged only with
@@ -104,10 +112,13 @@ def run_settings(method, *, steps=5000, learning_rate=None, batch_size=256, num_
     return {"steps": int(steps), "lr": float(learning_rate or LEARNING_RATES[method]),
             "batch": None if batch_size is None else int(batch_size),
             "inducing": int(num_inducing), "samples": int(num_samples), "seed": int(seed),
-            "guide_options": dict(guide_options or {})}
+            "guide_options": dict(guide_options or {}),
+            "clip_norm": None if clip_norm is None else float(clip_norm)}
 
 
-_SETTING_KEYS = ("steps", "lr", "batch", "inducing", "samples", "seed", "guide_options")
+#: rows from before a key existed read it as None, the setting's default
+_SETTING_KEYS = ("steps", "lr", "batch", "inducing", "samples", "seed", "guide_options",
+                 "clip_norm")
 
 
 def row_key(row):
@@ -117,10 +128,13 @@ def row_key(row):
 
 
 def method_label(row):
-    """The method of a row, with its guide options when it has any: ``'dbvi'`` or
-    ``'dbvi {"log_snr_min": -10.0}'``. Tables and pairings keep such variants apart."""
+    """The method of a row, with its guide options and gradient clipping when it has any:
+    ``'dbvi'``, ``'dbvi {"log_snr_min": -10.0}'``, ``'dbvi clip=10'``. Tables and pairings
+    keep such variants apart."""
     opts = row.get("guide_options") or {}
-    return row["method"] + (f" {json.dumps(opts, sort_keys=True)}" if opts else "")
+    label = row["method"] + (f" {json.dumps(opts, sort_keys=True)}" if opts else "")
+    clip = row.get("clip_norm")
+    return label + (f" clip={clip:g}" if clip is not None else "")
 
 
 def read_rows(paths):
@@ -172,6 +186,7 @@ def dgp_uci_study(datasets, layers=(2,), methods=METHODS, *, num_splits=None, sp
         raise ValueError("pass num_splits (the first N splits) or split_ids, not both")
     if resume and rows_path is None:
         raise ValueError("resume=True needs rows_path, the row log to resume from")
+    check_positive("clip_norm", options.get("clip_norm"), allow_none=True)
     method_options = method_options or {}
     if not (isinstance(method_options, dict)
             and all(isinstance(v, dict) for v in method_options.values())):
@@ -194,7 +209,8 @@ def dgp_uci_study(datasets, layers=(2,), methods=METHODS, *, num_splits=None, sp
                 f.write(json.dumps(row, default=float) + "\n")
 
     common = {k: options[k] for k in ("steps", "learning_rate", "batch_size", "num_inducing",
-                                      "num_samples", "seed", "guide_options") if k in options}
+                                      "num_samples", "seed", "guide_options", "clip_norm")
+              if k in options}
     for dataset in datasets:
         total = len(uci_splits(dataset))
         if split_ids is not None:
