@@ -12,8 +12,8 @@ Nothing here is required to use bayesgen's guides: they work in a hand-written S
 from __future__ import annotations
 
 import dataclasses
-import math
 import json
+import math
 import os
 import time
 import warnings
@@ -578,10 +578,10 @@ def _diagnose_nonfinite(svi, state, args, kwargs):
             return out["loss"]
         return svi.loss.loss(rng_key_step, cp, svi.model, svi.guide, *args, **kwargs)
 
-    # the fit differentiates under jit, where XLA's fusion can turn a borderline 0/0 or
-    # overflow into NaN that the eager replay does not reproduce: look at both
-    # A finite gradient whose square overflows makes Adam's second moment infinite: the
-    # optimiser state turns nonfinite while every gradient is finite; name those too.
+    # The fit differentiates under jit, where XLA's fusion can turn a borderline 0/0 into a
+    # NaN the eager replay does not reproduce: look at both. A finite gradient whose square
+    # overflows makes Adam's second moment infinite (the state turns nonfinite while every
+    # gradient is finite): name those too.
     bad_grads, overflowing = [], {}
     for transform in (jax.jit, lambda f: f):
         try:

@@ -171,7 +171,6 @@ def test_method_options_make_a_variant_kept_apart_in_tables_and_pairs(monkeypatc
         dgp.dgp_uci_study(["yacht"], (2,), ("dbvi",), method_options={"dbvi": 3})
 
 
-
 def test_one_real_split_gives_a_complete_row():
     """A (very short) real fit: the row has the metrics, the final loss and the learned noise."""
     row = dgp.run_dgp_split("yacht", 0, 2, "dsvi", steps=20, batch_size=64, num_inducing=10,

@@ -251,15 +251,15 @@ def dgp_uci_study(datasets, layers=(2,), methods=METHODS, *, num_splits=None, sp
                                 **run_settings(method, **settings)})
                         continue
                     log(f"[bench-dgp] {dataset} L={num_layers} split {split} "
-                        f"{method_label(row)}: RMSE {row['rmse']:.3f}, test LL {row['test_ll']:.3f}, "
-                        f"{row['wall_s']:.0f} s")
+                        f"{method_label(row)}: RMSE {row['rmse']:.3f}, "
+                        f"test LL {row['test_ll']:.3f}, {row['wall_s']:.0f} s")
                     record(row)
     return rows
 
 
 def summarise(rows):
     """Mean and standard error over the finished splits per (dataset, layers, method, steps, lr);
-    a method's variants with guide options (:func:`method_label`) are separate methods.
+    a method's variants with guide options or clipping (:func:`method_label`) are separate.
 
     Splits whose fit failed (rows with ``"failed"``) are counted in ``failed``, not averaged.
     Rows fitted with other steps or learning rates form their own groups.
@@ -300,8 +300,8 @@ def paired_differences(rows, pairs=CLAIMS):
     how many splits ``a`` won on each (lower RMSE, higher LL). Pairing by split removes the
     split-to-split spread that dominates the unpaired standard errors. Rows are paired
     within one learning rate per method as given: pass rows of one setting per method.
-    Variants with guide options (:func:`method_label`) are paired as methods of their own:
-    each variant of ``a`` against each of ``b``.
+    Variants with guide options or clipping (:func:`method_label`) are paired as methods of
+    their own: each variant of ``a`` against each of ``b``.
 
     Where both rows carry ``final_loss`` (the training loss, minus the bound, averaged over
     the fit's last tenth), ``bound`` is the median over splits of ``a``'s bound minus
@@ -310,25 +310,29 @@ def paired_differences(rows, pairs=CLAIMS):
     because one loss spike in the last tenth (3e5 nats on one concrete AutoDBVI fit whose
     test metrics were ordinary) swamps a mean.
     """
-    cells = {}
+    cells, base = {}, {}
     for r in rows:
         if "failed" not in r:
-            cells.setdefault((r["dataset"], r["layers"]), {}).setdefault(
-                method_label(r), {})[r["split"]] = r
+            label = method_label(r)
+            base[label] = r["method"]
+            cells.setdefault((r["dataset"], r["layers"]), {}).setdefault(label, {})[
+                r["split"]] = r
     out = []
     for (dataset, layers), by_method in cells.items():
-        for base_a, base_b in pairs:
-            for a, b in [(a, b) for a in by_method for b in by_method
-                         if a.split(" ")[0] == base_a and b.split(" ")[0] == base_b]:
-                _pair(out, dataset, layers, a, b, by_method)
+        for method_a, method_b in pairs:
+            for a in [x for x in by_method if base[x] == method_a]:
+                for b in [x for x in by_method if base[x] == method_b]:
+                    row = _paired_row(dataset, layers, a, b, by_method)
+                    if row is not None:
+                        out.append(row)
     return out
 
 
-def _pair(out, dataset, layers, a, b, by_method):
-    """Append the paired row of ``a - b`` over the splits both finished (none: nothing)."""
+def _paired_row(dataset, layers, a, b, by_method):
+    """The paired row of ``a - b`` over the splits both finished (``None`` if none)."""
     splits = sorted(set(by_method[a]) & set(by_method[b]))
     if not splits:
-        return
+        return None
     row = {"dataset": dataset, "layers": layers, "claim": f"{a} - {b}", "splits": len(splits)}
     for key, better in (("rmse", np.less), ("test_ll", np.greater)):
         va = np.array([by_method[a][i][key] for i in splits])
@@ -342,7 +346,7 @@ def _pair(out, dataset, layers, a, b, by_method):
                           for i in splits])
         row["bound"] = float(np.median(bound))
         row["bound_wins"] = int((bound > 0).sum())
-    out.append(row)
+    return row
 
 
 def format_paired_table(paired):

@@ -11,7 +11,6 @@ subsampled plates.
 
 from __future__ import annotations
 
-
 import jax.numpy as jnp
 import numpyro
 from flax import nnx

@@ -30,7 +30,6 @@ random): AutoSNF refuses both at set-up.
 
 from __future__ import annotations
 
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
