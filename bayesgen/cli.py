@@ -229,6 +229,10 @@ def dgp_main(argv):
                    "(kept in each row; the tables list such a variant as its own method)")
     p.add_argument("--clip-norm", type=float, default=None,
                    help="clip the gradient's global norm before Adam (default: no clipping)")
+    p.add_argument("--batch-splits", action="store_true",
+                   help="fit the splits of each (dataset, layers, method) together, one "
+                   "vmapped fit (for a GPU; the rows are the one-at-a-time fits' rows up to "
+                   "round-off)")
     p.add_argument("--out", default="outputs/bench-dgp",
                    help="folder for results.md, results.json and rows.jsonl (one row a fit, "
                    "written as each fit ends)")
@@ -247,7 +251,7 @@ def dgp_main(argv):
                              split_ids=a.split_ids, steps=a.steps,
                              learning_rate=a.lr, batch_size=a.batch, num_inducing=a.inducing,
                              num_samples=a.samples, seed=a.seed, method_options=a.options,
-                             clip_norm=a.clip_norm,
+                             clip_norm=a.clip_norm, batch_splits=a.batch_splits,
                              rows_path=os.path.join(a.out, "rows.jsonl"), resume=a.resume)
     table = format_dgp_table(summarise(rows))
     paired = paired_differences(rows)

@@ -203,3 +203,101 @@ def test_clip_norm_is_a_setting_old_rows_resume_and_clipped_rows_are_their_own_m
     with pytest.raises(ValueError, match="clip_norm must be a positive finite number"):
         dgp.dgp_uci_study(["yacht"], (2,), ("ddvi",), clip_norm=0.0)
 
+
+
+@pytest.mark.parametrize("method", ["dsvi", "dbvi"])
+def test_splits_fitted_together_give_the_rows_of_fits_one_at_a_time(monkeypatch, method):
+    """The vmapped fit of several splits is each split's own fit: split 1 (not the template
+    split) gives the row its one-at-a-time fit gives, so its mean functions and (for AutoDBVI)
+    its pathfinder start were its own. Split 0, marked nonfinite in the batch, is fitted
+    again alone, and a failure there becomes a failed row."""
+    options = {"steps": 20, "batch_size": 64, "num_inducing": 10, "num_samples": 5}
+    real_finite = dgp._finite_per_split
+    monkeypatch.setattr(dgp, "_finite_per_split",
+                        lambda tree: real_finite(tree).at[0].set(False))
+    alone = []
+
+    def refit(dataset, split, num_layers, method, **kwargs):
+        alone.append(split)
+        raise NonFiniteLossError("The loss became nonfinite at step 3. More", step=3,
+                                 sites=["y"])
+
+    real_split = dgp.run_dgp_split
+    monkeypatch.setattr(dgp, "run_dgp_split", refit)
+    logs = []
+    rows = dgp.run_dgp_splits("yacht", [0, 1], 2, method, chunk_size=15, log=logs.append,
+                              **options)
+    assert alone == [0] and "split 0" in logs[0] and "fitting it alone" in logs[0]
+    assert rows[0]["failed"] == "The loss became nonfinite at step 3"
+    assert rows[0]["nonfinite_sites"] == ["y"] and rows[0]["method"] == method
+    batched = rows[1]
+    assert batched["split"] == 1 and batched["batched"] == 2
+    single = real_split("yacht", 1, 2, method, **options)
+    assert dgp.row_key(batched) == dgp.row_key(single)
+    for key in ("rmse", "test_ll", "final_loss", "noise_variance"):
+        assert batched[key] == pytest.approx(single[key], rel=1e-4), key
+
+
+def test_batch_splits_fits_the_unfinished_splits_of_each_method_together(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_splits(dataset, splits, num_layers, method, *, log, **options):
+        calls.append((method, list(splits)))
+        out = []
+        for split in splits:
+            if method == "dbvi" and split == 2:
+                out.append(dgp._failed_row(dataset, split, num_layers, method,
+                                           dgp.run_settings(method, **options),
+                                           NonFiniteLossError("nan at step 4. x", step=4,
+                                                              params=["Z0"])))
+            else:
+                out.append({"dataset": dataset, "split": split, "layers": num_layers,
+                            "method": method, "rmse": 1.0, "test_ll": -1.0,
+                            "final_loss": 0.0, "wall_s": 1.0, "batched": len(splits),
+                            **dgp.run_settings(method, **options)})
+        return out
+
+    monkeypatch.setattr(dgp, "run_dgp_splits", fake_splits)
+    monkeypatch.setattr(dgp, "run_dgp_split", lambda *a, **k: pytest.fail("one at a time"))
+    path = tmp_path / "rows.jsonl"
+    dgp.dgp_uci_study(["yacht"], (2,), ("ddvi",), split_ids=[0], rows_path=str(path),
+                      log=lambda _: None, steps=100, batch_splits=True)
+    logs = []
+    rows = dgp.dgp_uci_study(["yacht"], (2,), ("ddvi", "dbvi"), split_ids=[0, 1, 2],
+                             rows_path=str(path), resume=True, log=logs.append, steps=100,
+                             batch_splits=True)
+    assert calls == [("ddvi", [0]), ("ddvi", [1, 2]), ("dbvi", [0, 1, 2])]
+    assert len(rows) == 6 and len(path.read_text().splitlines()) == 6
+    assert any("split 2 dbvi: FAILED (nan at step 4; nonfinite: Z0)" in line for line in logs)
+
+
+def test_split_constants_swap_a_narrowing_layers_mean_function_and_put_it_back():
+    """A layer narrower than its input has a data-dependent mean function (the inputs' top
+    singular vectors); under vmap each split propagates with its own, and the template
+    model gets its own back."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from bayesgen.models.deep_gp import DeepGP
+
+    x = np.random.default_rng(0).normal(size=(60, 5)) * np.array([3.0, 1.0, 0.5, 2.0, 1.0])
+    models = [DeepGP(x[:40], num_layers=2, hidden_dim=2, num_inducing=6),
+              DeepGP(x[20:] ** 2, num_layers=2, hidden_dim=2, num_inducing=6)]
+    own = models[0].mean_weights
+    assert not np.allclose(np.abs(own[0]), np.abs(models[1].mean_weights[0]), atol=1e-2)
+    layer_params = models[0]._layer_params(models[0].init_params())
+    vs = [jnp.ones((6, 2)), jnp.ones((6, 1))]
+    x_new, keys = jnp.asarray(x[:7]), [jax.random.key(1)]
+    expected = [m.propagate(layer_params, vs, x_new, keys)[0] for m in models]
+    consts = jax.tree.map(lambda *a: jnp.stack(a), *[dgp._constants(m, None) for m in models])
+
+    def propagate(c):
+        with dgp._split_constants(models[0], None, c):
+            return models[0].propagate(layer_params, vs, x_new, keys)[0]
+
+    got = jax.jit(jax.vmap(propagate))(consts)
+    np.testing.assert_allclose(got[0], expected[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[1], expected[1], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(expected[0], expected[1], atol=1e-3)
+    assert models[0].mean_weights is own

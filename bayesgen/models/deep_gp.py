@@ -619,7 +619,7 @@ class DeepGP:
         -------
         mean (n, D_L) and variance (n,) of ``f_L | F_{L-1}, V``.
         """
-        return _propagate(self, layer_params, vs, x, keys)
+        return _propagate(self, layer_params, self.mean_weights, vs, x, keys)
 
     # --- the numpyro model ----------------------------------------------------------------
     def _check_data(self, x, y, batch_size):
@@ -688,16 +688,18 @@ class DeepGP:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _propagate(model: DeepGP, layer_params, vs, x, keys):
+def _propagate(model: DeepGP, layer_params, mean_weights, vs, x, keys):
     """:meth:`DeepGP.propagate`, jitted so that eager runs of the model (``svi.init``,
-    ``Predictive``, model checks) compile it once rather than op by op."""
+    ``Predictive``, model checks) compile it once rather than op by op. The mean functions'
+    weights are an argument, not read from the (static) model, so that fits of several
+    splits at once (:func:`bayesgen.bench.dgp.run_dgp_splits`) can pass each its own."""
     h = x
     for l in range(model.num_layers):
         z, ls, var = layer_params[l]
         mean, fvar = _whitened_conditional(model.kernel_fn, h, z, ls, var, vs[l], model.jitter)
         if l == model.num_layers - 1:
             return mean, fvar
-        mean = mean + h @ jnp.asarray(model.mean_weights[l])
+        mean = mean + h @ jnp.asarray(mean_weights[l])
         eps = jax.random.normal(keys[l], mean.shape, dtype=mean.dtype)
         h = mean + jnp.sqrt(fvar)[:, None] * eps
     raise AssertionError("unreachable")
