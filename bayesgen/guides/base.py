@@ -95,6 +95,7 @@ class PreconditionedGuide(AutoContinuous):
         if key is None:
             key = jr.key(self.seed)
         k_build, k_init = jr.split(key)
+        self._preconditioner_key = k_init  # kept: a search run elsewhere can use the same key
         self.preconditioner = self._find_preconditioner(k_init)
         self._build(k_build)
 

@@ -384,6 +384,16 @@ def _is_int(value) -> bool:
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
+class DeepGPStructure(NamedTuple):
+    """What the jitted propagation and prediction depend on statically: models that share it
+    (the splits of one dataset) share their compilations; the rest are arguments."""
+
+    num_layers: int
+    kernel_fn: Callable
+    jitter: float
+    likelihood: str
+
+
 class DeepGP:
     """A deep GP with whitened inducing outputs as a numpyro model: ``model(x, y=None, *,
     batch_size=None)`` (see the module docstring for the math).
@@ -555,6 +565,11 @@ class DeepGP:
 
     # --- layout -------------------------------------------------------------------------
     @property
+    def structure(self) -> DeepGPStructure:
+        """The static part of the model, by which its jitted functions are cached."""
+        return DeepGPStructure(self.num_layers, self.kernel_fn, self.jitter, self.likelihood)
+
+    @property
     def start_context(self) -> dict[str, str]:
         """``{"v{l}": "Z{l}"}``: each layer's inducing inputs as the context of its inducing
         outputs, for :class:`bayesgen.AutoDBVI`'s amortised start (``context=...``)."""
@@ -619,7 +634,7 @@ class DeepGP:
         -------
         mean (n, D_L) and variance (n,) of ``f_L | F_{L-1}, V``.
         """
-        return _propagate(self, layer_params, self.mean_weights, vs, x, keys)
+        return _propagate(self.structure, layer_params, self.mean_weights, vs, x, keys)
 
     # --- the numpyro model ----------------------------------------------------------------
     def _check_data(self, x, y, batch_size):
@@ -688,7 +703,7 @@ class DeepGP:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _propagate(model: DeepGP, layer_params, mean_weights, vs, x, keys):
+def _propagate(model: DeepGPStructure, layer_params, mean_weights, vs, x, keys):
     """:meth:`DeepGP.propagate`, jitted so that eager runs of the model (``svi.init``,
     ``Predictive``, model checks) compile it once rather than op by op. The mean functions'
     weights are an argument, not read from the (static) model, so that fits of several
@@ -786,18 +801,20 @@ def deep_gp_predict(model: DeepGP, samples: dict, params: dict, x_new, *, rng_ke
     if num_propagations > 1:
         vs = [jnp.repeat(v, num_propagations, axis=0) for v in vs]
     noise = jnp.asarray(params["noise_variance"]) if model.likelihood == "gaussian" else None
-    return _predict(model, layer_params, vs, x_new, rng_key, noise)
+    return _predict(model.structure, layer_params, tuple(model.mean_weights), vs, x_new,
+                    rng_key, noise)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _predict(model: DeepGP, layer_params, vs, x_new, rng_key, noise) -> DeepGPPrediction:
+def _predict(model: DeepGPStructure, layer_params, mean_weights, vs, x_new, rng_key,
+             noise) -> DeepGPPrediction:
     """The jitted body of :func:`deep_gp_predict` (one compilation per model and shape)."""
     s = vs[0].shape[0]
     k_prop, k_obs = jax.random.split(rng_key)
     keys = jax.random.split(k_prop, (s, model.num_layers - 1))  # (S, L - 1) keys
 
     def one(v_list, k):
-        return model.propagate(layer_params, v_list, x_new, list(k))
+        return _propagate(model, layer_params, mean_weights, v_list, x_new, list(k))
 
     f_mean, f_var = jax.vmap(one)(vs, keys)  # (S, n, D_L), (S, n)
     if model.likelihood == "gaussian":
