@@ -301,3 +301,21 @@ def test_split_constants_swap_a_narrowing_layers_mean_function_and_put_it_back()
     np.testing.assert_allclose(got[1], expected[1], rtol=1e-5, atol=1e-6)
     assert not np.allclose(expected[0], expected[1], atol=1e-3)
     assert models[0].mean_weights is own
+
+
+def test_the_cli_passes_batch_splits_and_writes_the_tables(monkeypatch, tmp_path):
+    from bayesgen import cli
+
+    seen = {}
+
+    def fake_study(datasets, layers, methods, **kwargs):
+        seen.update(kwargs)
+        return [{"dataset": "yacht", "split": s, "layers": 2, "method": m, "rmse": 1.0 + s,
+                 "test_ll": -1.0, "final_loss": 0.0, "wall_s": 1.0, "batched": 2,
+                 **dgp.run_settings(m, steps=100)} for m in methods for s in (0, 1)]
+
+    monkeypatch.setattr(dgp, "dgp_uci_study", fake_study)
+    cli.main(["bench-dgp", "--datasets", "yacht", "--methods", "dsvi,ddvi", "--steps", "100",
+              "--batch-splits", "--out", str(tmp_path)])
+    assert seen["batch_splits"] is True and seen["steps"] == 100
+    assert "| yacht | 2 | ddvi - dsvi | 2 |" in (tmp_path / "results.md").read_text()
