@@ -190,10 +190,10 @@ def run_dgp_splits(dataset, splits, num_layers, method, *, steps=5000, learning_
     if len(set(splits)) != len(splits):
         raise ValueError(f"splits has repeats: {splits}")
     check_positive("chunk_size", chunk_size)
-    settings = run_settings(method, steps=steps, learning_rate=learning_rate,
-                            batch_size=batch_size, num_inducing=num_inducing,
-                            num_samples=num_samples, seed=seed, guide_options=guide_options,
-                            clip_norm=clip_norm)
+    split_kwargs = {"steps": steps, "learning_rate": learning_rate, "batch_size": batch_size,
+                    "num_inducing": num_inducing, "num_samples": num_samples, "seed": seed,
+                    "guide_options": guide_options, "clip_norm": clip_norm}
+    settings = run_settings(method, **split_kwargs)
     optimizer = optax_to_numpyro(_optimizer(settings))
     # the diffusion guides' pathfinder starts: one vmapped search after the set-ups, not one
     # compilation a split (the search closes over its split's data and parameters)
@@ -260,8 +260,7 @@ def run_dgp_splits(dataset, splits, num_layers, method, *, steps=5000, learning_
             log(f"[bench-dgp] {dataset} L={num_layers} split {split} {method}: nonfinite in "
                 "the batch; fitting it alone")
             try:
-                rows.append(run_dgp_split(dataset, split, num_layers, method,
-                                          **_split_kwargs(settings)))
+                rows.append(run_dgp_split(dataset, split, num_layers, method, **split_kwargs))
             except NonFiniteLossError as err:
                 rows.append(_failed_row(dataset, split, num_layers, method, settings, err))
             continue
@@ -341,14 +340,6 @@ def _finite_per_split(tree):
     leaves = [jnp.isfinite(a).reshape(a.shape[0], -1).all(axis=1)
               for a in jax.tree.leaves(tree) if jnp.issubdtype(a.dtype, jnp.inexact)]
     return jnp.stack(leaves).all(axis=0)
-
-
-def _split_kwargs(settings):
-    """:func:`run_dgp_split`'s keyword arguments from a row's settings."""
-    return {"steps": settings["steps"], "learning_rate": settings["lr"],
-            "batch_size": settings["batch"], "num_inducing": settings["inducing"],
-            "num_samples": settings["samples"], "seed": settings["seed"],
-            "guide_options": settings["guide_options"], "clip_norm": settings["clip_norm"]}
 
 
 def run_settings(method, *, steps=5000, learning_rate=None, batch_size=256, num_inducing=100,

@@ -808,7 +808,7 @@ def deep_gp_predict(model: DeepGP, samples: dict, params: dict, x_new, *, rng_ke
 @functools.partial(jax.jit, static_argnums=0)
 def _predict(model: DeepGPStructure, layer_params, mean_weights, vs, x_new, rng_key,
              noise) -> DeepGPPrediction:
-    """The jitted body of :func:`deep_gp_predict` (one compilation per model and shape)."""
+    """The jitted body of :func:`deep_gp_predict` (one compilation per structure and shape)."""
     s = vs[0].shape[0]
     k_prop, k_obs = jax.random.split(rng_key)
     keys = jax.random.split(k_prop, (s, model.num_layers - 1))  # (S, L - 1) keys
