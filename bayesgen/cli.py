@@ -203,8 +203,8 @@ def nuts_main(argv):
 
 def dgp_main(argv):
     from bayesgen.bench.dgp import (
-        METHODS, dgp_uci_study, format_dgp_table, format_paired_table, paired_differences,
-        read_rows, summarise,
+        METHODS, dgp_uci_study, format_dgp_table, format_paired_table, format_split_table,
+        paired_differences, read_rows, summarise,
     )
 
     p = argparse.ArgumentParser(
@@ -260,7 +260,8 @@ def dgp_main(argv):
                   "DDVI):\n\n" + format_paired_table(paired))
     command = "bayesgen bench-dgp " + " ".join(argv)
     with open(os.path.join(a.out, "results.md"), "w") as f:
-        f.write(f"# bayesgen bench-dgp\n\nCommand: `{command}`\n\n{table}\n")
+        f.write(f"# bayesgen bench-dgp\n\nCommand: `{command}`\n\n{table}\n\n"
+                f"## Each split\n\n{format_split_table(rows)}\n")
     with open(os.path.join(a.out, "results.json"), "w") as f:
         json.dump(rows, f, indent=1, default=float)
     print(table)

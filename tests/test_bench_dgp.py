@@ -139,6 +139,27 @@ def test_paired_differences_use_the_splits_both_methods_finished():
     assert "| 1 | +6.5 | 1 |" in dgp.format_paired_table([p])
 
 
+def test_the_split_table_shows_each_fit_a_failure_and_a_fit_not_run():
+    def row(method, split, rmse, ll, **extra):
+        return {"dataset": "yacht", "layers": 2, "method": method, "split": split,
+                "rmse": rmse, "test_ll": ll, **extra}
+
+    rows = [row("ddvi", 1, 0.5, -0.25), row("dsvi", 0, 1.0, -1.0), row("dsvi", 1, 2.0, -2.0),
+            row("ddvi", 0, 0.9, -1.2), row("dbvi", 1, 3.0, -3.0, clip_norm=100.0),
+            {"dataset": "yacht", "layers": 2, "method": "dbvi", "split": 0, "failed": "nan",
+             "clip_norm": 100.0},
+            {**row("dsvi", 0, 7.0, -7.0), "layers": 3}]
+    table = dgp.format_split_table(rows)
+    two, three = table.split("\n\nyacht, 3 layers:")
+    assert two.splitlines()[:4] == [
+        "yacht, 2 layers:", "",
+        "| split | dsvi RMSE / LL | ddvi RMSE / LL | dbvi clip=100 RMSE / LL |",
+        "|---|---|---|---|"]
+    assert two.splitlines()[4:] == ["| 0 | 1.000 / -1.000 | 0.900 / -1.200 | failed |",
+                                    "| 1 | 2.000 / -2.000 | 0.500 / -0.250 | 3.000 / -3.000 |"]
+    assert three.splitlines()[-1] == "| 0 | 7.000 / -7.000 |"
+
+
 def test_method_options_make_a_variant_kept_apart_in_tables_and_pairs(monkeypatch, tmp_path):
     seen = []
 
@@ -318,4 +339,6 @@ def test_the_cli_passes_batch_splits_and_writes_the_tables(monkeypatch, tmp_path
     cli.main(["bench-dgp", "--datasets", "yacht", "--methods", "dsvi,ddvi", "--steps", "100",
               "--batch-splits", "--out", str(tmp_path)])
     assert seen["batch_splits"] is True and seen["steps"] == 100
-    assert "| yacht | 2 | ddvi - dsvi | 2 |" in (tmp_path / "results.md").read_text()
+    results = (tmp_path / "results.md").read_text()
+    assert "| yacht | 2 | ddvi - dsvi | 2 |" in results
+    assert "| 1 | 2.000 / -1.000 | 2.000 / -1.000 |" in results.split("## Each split")[1]

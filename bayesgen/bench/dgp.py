@@ -638,3 +638,31 @@ def format_dgp_table(summary):
             f"{s['rmse'][0]:.3f} ± {s['rmse'][1]:.3f} | {s['test_ll'][0]:.3f} ± "
             f"{s['test_ll'][1]:.3f} | {s['wall_s']:.0f} |")
     return "\n".join(lines)
+
+
+def format_split_table(rows):
+    """Per (dataset, layers): one line a split, ``RMSE / test LL`` of each method (variants
+    with guide options or clipping as their own columns, :func:`method_label`), ``failed``
+    for a fit that diverged and a blank where that fit was not run. The tables above are
+    means over these lines; this is where one bad split shows."""
+    cells = {}
+    for r in rows:
+        cell = cells.setdefault((r["dataset"], r["layers"]), {})
+        cell.setdefault(r["split"], {})[method_label(r)] = r
+    blocks = []
+    for (dataset, layers), by_split in cells.items():
+        labels = list(dict.fromkeys(m for s in by_split.values() for m in s))
+        labels.sort(key=lambda m: (METHODS.index(m.split()[0]) if m.split()[0] in METHODS
+                                   else len(METHODS), m))
+        lines = [f"{dataset}, {layers} layers:", "",
+                 "| split | " + " | ".join(f"{m} RMSE / LL" for m in labels) + " |",
+                 "|---|" + "---|" * len(labels)]
+        for split in sorted(by_split):
+            cols = []
+            for m in labels:
+                r = by_split[split].get(m)
+                cols.append("" if r is None else "failed" if "failed" in r
+                            else f"{r['rmse']:.3f} / {r['test_ll']:.3f}")
+            lines.append(f"| {split} | " + " | ".join(cols) + " |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
