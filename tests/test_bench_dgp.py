@@ -342,3 +342,19 @@ def test_the_cli_passes_batch_splits_and_writes_the_tables(monkeypatch, tmp_path
     results = (tmp_path / "results.md").read_text()
     assert "| yacht | 2 | ddvi - dsvi | 2 |" in results
     assert "| 1 | 2.000 / -1.000 | 2.000 / -1.000 |" in results.split("## Each split")[1]
+
+
+def test_tables_print_small_rmse_with_two_significant_digits():
+    # naval's test RMSE is about 2e-4 in its units: three decimals would print 0.000 ± 0.000
+    rows = [{"dataset": "naval", "layers": 2, "method": m, "split": s, "rmse": v, "test_ll": 6.7,
+             "wall_s": 1.0}
+            for m, vs in (("dsvi", (1.9e-4, 2.3e-4)), ("ddvi", (1.5e-4, 2.0e-4)))
+            for s, v in enumerate(vs)]
+    summary = {s["method"]: s for s in dgp.summarise(rows)}
+    assert "| 0.000210 ± 0.000020 | 6.700 ± 0.000 |" in dgp.format_dgp_table([summary["dsvi"]])
+    (p,) = dgp.paired_differences(rows)
+    assert "| -0.0000350 ± 0.0000050 | 2 |" in dgp.format_paired_table([p])
+    assert "| 0 | 0.00019 / 6.700 | 0.00015 / 6.700 |" in dgp.format_split_table(rows)
+    # values from 1e-3 up keep three decimals, as in every table so far
+    assert "| 1.250 ± 0.250 |" in dgp.format_dgp_table(
+        dgp.summarise([{**rows[0], "rmse": 1.0}, {**rows[1], "rmse": 1.5}]))

@@ -481,8 +481,8 @@ def dgp_uci_study(datasets, layers=(2,), methods=METHODS, *, num_splits=None, sp
                 f"gradient of {g}" for g in row["nonfinite_gradients"]]) or "no site named"
             log(head + f"{method_label(row)}: FAILED ({row['failed']}; nonfinite: {where})")
         else:
-            log(head + f"{method_label(row)}: RMSE {row['rmse']:.3f}, "
-                f"test LL {row['test_ll']:.3f}, {row['wall_s']:.0f} s")
+            log(head + f"{method_label(row)}: RMSE {_value(row['rmse'])}, "
+                f"test LL {_value(row['test_ll'])}, {row['wall_s']:.0f} s")
         record(row)
 
     for dataset in datasets:
@@ -613,6 +613,28 @@ def _paired_row(dataset, layers, a, b, by_method):
     return row
 
 
+def _decimals(*values):
+    """Decimals to print ``values`` with: 3, or enough for two significant digits of the
+    smallest nonzero magnitude below 1e-3 (naval's test RMSE is about 2e-4 in its units)."""
+    out = 3
+    for v in values:
+        m = abs(float(v))
+        if 0 < m < 1e-3 and math.isfinite(m):
+            out = max(out, min(10, 1 - math.floor(math.log10(m))))
+    return out
+
+
+def _mean_se(pair, signed=False):
+    """``mean ± se`` at :func:`_decimals` of both."""
+    d = _decimals(*pair)
+    sign = "+" if signed else ""
+    return f"{pair[0]:{sign}.{d}f} ± {pair[1]:.{d}f}"
+
+
+def _value(v):
+    return f"{v:.{_decimals(v)}f}"
+
+
 def format_paired_table(paired):
     lines = ["| dataset | layers | difference | splits | RMSE diff | lower RMSE on | LL diff | "
              "higher LL on | training bound diff (median) | higher bound on |",
@@ -621,8 +643,8 @@ def format_paired_table(paired):
         bound = (f"{p['bound']:+.1f} | {p['bound_wins']}" if "bound" in p else " | ")
         lines.append(
             f"| {p['dataset']} | {p['layers']} | {p['claim']} | {p['splits']} | "
-            f"{p['rmse'][0]:+.3f} ± {p['rmse'][1]:.3f} | {p['rmse_wins']} | "
-            f"{p['test_ll'][0]:+.3f} ± {p['test_ll'][1]:.3f} | {p['test_ll_wins']} | {bound} |")
+            f"{_mean_se(p['rmse'], signed=True)} | {p['rmse_wins']} | "
+            f"{_mean_se(p['test_ll'], signed=True)} | {p['test_ll_wins']} | {bound} |")
     return "\n".join(lines)
 
 
@@ -635,8 +657,7 @@ def format_dgp_table(summary):
         lr = "" if s.get("lr") is None else f"{s['lr']:g}"
         lines.append(
             f"| {s['dataset']} | {s['layers']} | {s['method']} | {steps} | {lr} | {splits} | "
-            f"{s['rmse'][0]:.3f} ± {s['rmse'][1]:.3f} | {s['test_ll'][0]:.3f} ± "
-            f"{s['test_ll'][1]:.3f} | {s['wall_s']:.0f} |")
+            f"{_mean_se(s['rmse'])} | {_mean_se(s['test_ll'])} | {s['wall_s']:.0f} |")
     return "\n".join(lines)
 
 
@@ -662,7 +683,7 @@ def format_split_table(rows):
             for m in labels:
                 r = by_split[split].get(m)
                 cols.append("" if r is None else "failed" if "failed" in r
-                            else f"{r['rmse']:.3f} / {r['test_ll']:.3f}")
+                            else f"{_value(r['rmse'])} / {_value(r['test_ll'])}")
             lines.append(f"| {split} | " + " | ".join(cols) + " |")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
