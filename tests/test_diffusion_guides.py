@@ -132,6 +132,42 @@ def test_dbvi_start_scale_floor_keeps_the_gradient_finite():
             AutoDBVI(model, min_start_scale=bad)
 
 
+def test_max_correction_bounds_the_drift_and_keeps_an_expansive_sampler_finite():
+    """A score network with large weights makes each reverse step expansive and the path runs
+    off (AutoDDVI on naval's deep GP reached |u| ~ 1e9); ``max_correction`` bounds the
+    correction softly, so the path grows at most additively, and leaves small outputs as
+    they were."""
+    def guide_and_params(bound, weight_scale):
+        guide = AutoDDVI(model, num_steps=16, hidden=16, max_correction=bound,
+                         init_scale=WRONG_START)
+        svi = SVI(model, guide, optax.adam(1e-3), Trace_ELBO())
+        params = svi.get_params(svi.init(jr.key(0), Y))
+        leaves, tree = jax.tree.flatten(params["auto_score"])  # the last layer starts at 0
+        keys = jr.split(jr.key(5), len(leaves))
+        score = jax.tree.unflatten(tree, [weight_scale * jr.normal(k, a.shape, a.dtype)
+                                          for k, a in zip(keys, leaves)])
+        params = {**params, "auto_score": score}
+        return guide, params
+
+    def max_abs_draw(bound, weight_scale):
+        guide, params = guide_and_params(bound, weight_scale)
+        draws = guide.sample_posterior(jr.key(1), params, sample_shape=(64,))["z"]
+        return float(jnp.max(jnp.abs(draws)))
+
+    wild = max_abs_draw(None, 1.0)  # 1.9e10 (unit-variance weights, 16 hidden units)
+    tamed = max_abs_draw(1.0, 1.0)  # 531
+    assert not np.isfinite(wild) or wild > 1e6  # the unbounded sampler runs off
+    assert np.isfinite(tamed) and tamed < 1e3  # 16 steps of bounded drift and noise
+    # the bound is soft: outputs well inside it pass almost unchanged
+    guide, params = guide_and_params(1e4, 0.1)
+    free, _ = guide_and_params(None, 0.1)
+    np.testing.assert_allclose(
+        free.sample_posterior(jr.key(2), params, sample_shape=(256,))["z"],
+        guide.sample_posterior(jr.key(2), params, sample_shape=(256,))["z"], rtol=1e-4,
+        atol=1e-4)
+    with pytest.raises(ValueError, match="max_correction"):
+        AutoDDVI(model, max_correction=0.0)
+
 def test_dbvi_start_amortised_from_deep_gp_inducing_inputs():
     """AutoDBVI(context=model.start_context) on a deep GP: the start is a function of the
     model's inducing inputs, which the guide shares (gradients reach Z from the guide)."""

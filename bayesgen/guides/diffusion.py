@@ -58,6 +58,13 @@ class AutoDDVI(PreconditionedGuide):
         then vanishes at the optimum). Costs a second network pass per step; with it off
         the gradient is the plain reparameterised one.
     remat : recompute the steps in the backward pass (memory O(1) in N).
+    max_correction : bound the network's correction ``g`` softly, ``B tanh(g / B)`` with
+        ``B = max_correction`` (``None``, the default: unbounded). The reverse step moves
+        ``u`` by ``(1 - a_k^2) / a_k`` times the drift; an unbounded ``g`` that grows with
+        ``|u|`` can make that map expansive, and over the steps a path then runs off to
+        1e9 (AutoDDVI on naval's deep GP, docs/benchmarks.md). With a bound the drift is
+        bounded and the path cannot grow geometrically; a bound well above the outputs a
+        fit uses (they stayed below about 50 there) leaves the family as it was.
     flow : ``"none"`` (default), ``"affine"`` or ``"realnvp"``: run the diffusion in the input
         coordinates of a learned invertible map ``T`` (a learned affine map, after
         ``flow_layers`` RealNVP couplings for ``"realnvp"``), ``z = m0 + L0 T(u_0)``; the
@@ -82,6 +89,7 @@ class AutoDDVI(PreconditionedGuide):
         learn_variance: bool = True,
         stick_the_landing: bool = True,
         remat: bool = False,
+        max_correction: float | None = None,
         flow: str = "none",
         flow_layers: int = 8,
         init_scale="pathfinder",
@@ -97,6 +105,10 @@ class AutoDDVI(PreconditionedGuide):
             raise ValueError(f"flow must be one of {DIFFUSION_FLOWS}, got {flow!r}")
         if not isinstance(flow_layers, int) or isinstance(flow_layers, bool) or flow_layers < 1:
             raise ValueError(f"flow_layers must be a positive int, got {flow_layers!r}")
+        if max_correction is not None:
+            check_positive("max_correction", max_correction)
+            max_correction = float(max_correction)
+        self.max_correction = max_correction
         self.flow = flow
         self.flow_layers = flow_layers
         self._flow_templates = None
@@ -151,13 +163,17 @@ class AutoDDVI(PreconditionedGuide):
         )
 
     def _split_outputs(self, net):
-        d = self.latent_dim
+        d, bound = self.latent_dim, self.max_correction
+
+        def correction(g):
+            return g if bound is None else bound * jnp.tanh(g / bound)
+
         if not self.learn_variance:
-            return lambda u, t: (net(u, t), 0.0)
+            return lambda u, t: (correction(net(u, t)), 0.0)
 
         def network(u, t):
             out = net(u, t)
-            return out[..., :d], _VAR_BOUND * jnp.tanh(out[..., d:] / _VAR_BOUND)
+            return correction(out[..., :d]), _VAR_BOUND * jnp.tanh(out[..., d:] / _VAR_BOUND)
 
         return network
 
