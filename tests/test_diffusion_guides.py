@@ -168,6 +168,7 @@ def test_max_correction_bounds_the_drift_and_keeps_an_expansive_sampler_finite()
     with pytest.raises(ValueError, match="max_correction"):
         AutoDDVI(model, max_correction=0.0)
 
+
 def test_dbvi_start_amortised_from_deep_gp_inducing_inputs():
     """AutoDBVI(context=model.start_context) on a deep GP: the start is a function of the
     model's inducing inputs, which the guide shares (gradients reach Z from the guide)."""

@@ -619,7 +619,7 @@ def _decimals(*values):
     out = 3
     for v in values:
         m = abs(float(v))
-        if 0 < m < 1e-3 and math.isfinite(m):
+        if 0 < m < 1e-3:  # nan and inf fail the comparison
             out = max(out, min(10, 1 - math.floor(math.log10(m))))
     return out
 
@@ -661,6 +661,12 @@ def format_dgp_table(summary):
     return "\n".join(lines)
 
 
+def _method_order(label):
+    """Sort key of a :func:`method_label`: the study's method order, then the variant."""
+    method = label.split()[0]
+    return (METHODS.index(method) if method in METHODS else len(METHODS), label)
+
+
 def format_split_table(rows):
     """Per (dataset, layers): one line a split, ``RMSE / test LL`` of each method (variants
     with guide options or clipping as their own columns, :func:`method_label`), ``failed``
@@ -672,9 +678,7 @@ def format_split_table(rows):
         cell.setdefault(r["split"], {})[method_label(r)] = r
     blocks = []
     for (dataset, layers), by_split in cells.items():
-        labels = list(dict.fromkeys(m for s in by_split.values() for m in s))
-        labels.sort(key=lambda m: (METHODS.index(m.split()[0]) if m.split()[0] in METHODS
-                                   else len(METHODS), m))
+        labels = sorted({m for s in by_split.values() for m in s}, key=_method_order)
         lines = [f"{dataset}, {layers} layers:", "",
                  "| split | " + " | ".join(f"{m} RMSE / LL" for m in labels) + " |",
                  "|---|" + "---|" * len(labels)]

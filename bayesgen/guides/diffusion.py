@@ -34,6 +34,11 @@ from bayesgen.guides.stochastic_flow import (
 from bayesgen.nn import MLP, ScoreNet, nnx_param, zero_last_layer
 
 _VAR_BOUND = 5.0  # the learned log variance factor stays in [-5, 5]
+
+
+def _soft_bound(x, bound):
+    """``bound * tanh(x / bound)``: ``x`` where ``|x| << bound``, never beyond ``bound``."""
+    return bound * jnp.tanh(x / bound)
 DIFFUSION_FLOWS = ("none", "affine", "realnvp")
 
 
@@ -166,14 +171,14 @@ class AutoDDVI(PreconditionedGuide):
         d, bound = self.latent_dim, self.max_correction
 
         def correction(g):
-            return g if bound is None else bound * jnp.tanh(g / bound)
+            return g if bound is None else _soft_bound(g, bound)
 
         if not self.learn_variance:
             return lambda u, t: (correction(net(u, t)), 0.0)
 
         def network(u, t):
             out = net(u, t)
-            return correction(out[..., :d]), _VAR_BOUND * jnp.tanh(out[..., d:] / _VAR_BOUND)
+            return correction(out[..., :d]), _soft_bound(out[..., d:], _VAR_BOUND)
 
         return network
 
