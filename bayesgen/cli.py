@@ -14,6 +14,30 @@ def _csv(text):
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _int_list(text):
+    """Comma-separated integers and inclusive ranges ``a-b`` or ``a-b:step``.
+
+    ``"0-18:2"`` is the even splits 0, 2, ..., 18; ``"3,5-7"`` is 3, 5, 6, 7.
+    """
+    out = []
+    for item in _csv(text):
+        try:
+            if "-" not in item:
+                out.append(int(item))
+                continue
+            span, _, step = item.partition(":")
+            first, last = (int(v) for v in span.split("-"))
+            step = int(step) if step else 1
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{item!r} is not an integer or a range a-b[:step] (e.g. 0-18:2)") from None
+        if step < 1 or last < first:
+            raise argparse.ArgumentTypeError(
+                f"range {item!r} must go up (a <= b) with a positive step")
+        out.extend(range(first, last + 1, step))
+    return out
+
+
 def _write_results(out, rows, command, title):
     from bayesgen.bench.runner import format_table
 
@@ -216,8 +240,9 @@ def dgp_main(argv):
     p.add_argument("--layers", type=lambda t: [int(v) for v in _csv(t)], default=[2])
     p.add_argument("--methods", type=_csv, default=list(METHODS))
     p.add_argument("--splits", type=int, default=None, help="first N splits (default all)")
-    p.add_argument("--split-ids", type=lambda t: [int(v) for v in _csv(t)], default=None,
-                   help="comma-separated split indices to run instead of the first N")
+    p.add_argument("--split-ids", type=_int_list, default=None,
+                   help="split indices to run instead of the first N: comma-separated, with "
+                   "inclusive ranges a-b[:step] (e.g. 0-18:2 for the even splits)")
     p.add_argument("--steps", type=int, default=5000)
     p.add_argument("--lr", type=float, default=None, help="default: per method")
     p.add_argument("--batch", type=int, default=256)

@@ -358,3 +358,22 @@ def test_tables_print_small_rmse_with_two_significant_digits():
     # values from 1e-3 up keep three decimals, as in every table so far
     assert "| 1.250 ± 0.250 |" in dgp.format_dgp_table(
         dgp.summarise([{**rows[0], "rmse": 1.0}, {**rows[1], "rmse": 1.5}]))
+
+
+def test_split_ids_take_ranges_and_a_bad_item_is_named(monkeypatch, tmp_path, capsys):
+    from bayesgen import cli
+
+    assert cli._int_list("0-18:2") == list(range(0, 19, 2))
+    assert cli._int_list("3, 5-7") == [3, 5, 6, 7]
+    assert cli._int_list("1-19:2") == list(range(1, 20, 2))
+    seen = {}
+    monkeypatch.setattr(dgp, "dgp_uci_study",
+                        lambda *a, **kw: seen.update(kw) or [])
+    cli.main(["bench-dgp", "--datasets", "yacht", "--split-ids", "4-8:2", "--steps", "10",
+              "--out", str(tmp_path)])
+    assert seen["split_ids"] == [4, 6, 8]
+    for bad, says in (("0-x", "not an integer or a range"), ("5-2", "must go up"),
+                      ("0-4:0", "must go up")):
+        with pytest.raises(SystemExit):
+            cli.main(["bench-dgp", "--split-ids", bad, "--out", str(tmp_path)])
+        assert says in capsys.readouterr().err
