@@ -237,7 +237,7 @@ def dgp_main(argv):
         "DBVI, test RMSE and log-likelihood (original units), mean ± se over splits.",
     )
     p.add_argument("--datasets", type=_csv, default=["bostonHousing"])
-    p.add_argument("--layers", type=lambda t: [int(v) for v in _csv(t)], default=[2])
+    p.add_argument("--layers", type=_int_list, default=[2], help="e.g. 2,3,5 or 2-5")
     p.add_argument("--methods", type=_csv, default=list(METHODS))
     p.add_argument("--splits", type=int, default=None, help="first N splits (default all)")
     p.add_argument("--split-ids", type=_int_list, default=None,

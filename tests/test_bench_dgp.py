@@ -368,10 +368,10 @@ def test_split_ids_take_ranges_and_a_bad_item_is_named(monkeypatch, tmp_path, ca
     assert cli._int_list("1-19:2") == list(range(1, 20, 2))
     seen = {}
     monkeypatch.setattr(dgp, "dgp_uci_study",
-                        lambda *a, **kw: seen.update(kw) or [])
-    cli.main(["bench-dgp", "--datasets", "yacht", "--split-ids", "4-8:2", "--steps", "10",
-              "--out", str(tmp_path)])
-    assert seen["split_ids"] == [4, 6, 8]
+                        lambda *a, **kw: seen.update(kw, args=a) or [])
+    cli.main(["bench-dgp", "--datasets", "yacht", "--split-ids", "4-8:2", "--layers", "2-3,5",
+              "--steps", "10", "--out", str(tmp_path)])
+    assert seen["split_ids"] == [4, 6, 8] and list(seen["args"][1]) == [2, 3, 5]
     for bad, says in (("0-x", "not an integer or a range"), ("5-2", "must go up"),
                       ("0-4:0", "must go up")):
         with pytest.raises(SystemExit):

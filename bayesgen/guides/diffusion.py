@@ -34,12 +34,12 @@ from bayesgen.guides.stochastic_flow import (
 from bayesgen.nn import MLP, ScoreNet, nnx_param, zero_last_layer
 
 _VAR_BOUND = 5.0  # the learned log variance factor stays in [-5, 5]
+DIFFUSION_FLOWS = ("none", "affine", "realnvp")
 
 
 def _soft_bound(x, bound):
     """``bound * tanh(x / bound)``: ``x`` where ``|x| << bound``, never beyond ``bound``."""
     return bound * jnp.tanh(x / bound)
-DIFFUSION_FLOWS = ("none", "affine", "realnvp")
 
 
 class AutoDDVI(PreconditionedGuide):
