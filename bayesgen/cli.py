@@ -262,7 +262,11 @@ def dgp_main(argv):
                    help="folder for results.md, results.json and rows.jsonl (one row a fit, "
                    "written as each fit ends)")
     p.add_argument("--resume", action="store_true",
-                   help="skip the fits already in OUT/rows.jsonl with the same settings")
+                   help="skip the fits already in OUT/rows.jsonl with the same settings, and "
+                   "go on from the checkpoint of a fit that was stopped")
+    p.add_argument("--checkpoint-every", type=int, default=1000,
+                   help="checkpoint each fit every N steps into OUT/checkpoints (a multiple "
+                   "of 100; 0: none; not with --batch-splits); deleted when its row is logged")
     p.add_argument("--from-rows", nargs="+", default=None, metavar="ROWS_JSONL",
                    help="fit nothing: summarise these row logs (e.g. of runs that shared out "
                    "the splits) into one table")
@@ -277,7 +281,8 @@ def dgp_main(argv):
                              learning_rate=a.lr, batch_size=a.batch, num_inducing=a.inducing,
                              num_samples=a.samples, seed=a.seed, method_options=a.options,
                              clip_norm=a.clip_norm, batch_splits=a.batch_splits,
-                             rows_path=os.path.join(a.out, "rows.jsonl"), resume=a.resume)
+                             rows_path=os.path.join(a.out, "rows.jsonl"), resume=a.resume,
+                             checkpoint_every=a.checkpoint_every)
     table = format_dgp_table(summarise(rows))
     paired = paired_differences(rows)
     if paired:

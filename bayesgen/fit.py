@@ -181,6 +181,12 @@ class FitResult:
     wall_time : float
         Seconds spent in the fitting loop of this call (compilation included, model
         checking and initialisation excluded).
+    resumed_at_step : int
+        Step of the checkpoint this call resumed from (0 for a fresh fit).
+    restored_wall_time : float
+        Fitting-loop seconds of the earlier calls that wrote that checkpoint (0 for a fresh
+        fit; checkpoints from before this was recorded give 0), so ``wall_time +
+        restored_wall_time`` is the whole fit's.
     svi_state : numpyro.infer.svi.SVIState
         The final state (optimiser state, mutable state, rng key).
     stopped_early : bool
@@ -206,6 +212,8 @@ class FitResult:
     stop_step: int | None = None
     svi: Any = None
     seed: int = 0
+    resumed_at_step: int = 0
+    restored_wall_time: float = 0.0
     _samplers: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
 
     def __repr__(self):
@@ -828,11 +836,13 @@ def fit(
     state = svi.init(key, *args, **kwargs)
     param_shapes = _param_shapes(svi, state)
     start = 0
+    restored_wall = 0.0
     if resume is None:
         history = np.zeros((0,), dtype=np.float32)
     else:
         state = _restore_state(os.fspath(resume), meta, leaves, state, param_shapes)
         start = int(meta["step"])
+        restored_wall = float(meta.get("wall_time", 0.0))
         history = history[:start]
         if start > steps:
             raise ValueError(
@@ -887,7 +897,8 @@ def fit(
             at_state,
             at_step,
             np.concatenate(chunks),
-            dict(meta_base, stopped_early=stopped, stop_step=stop_step),
+            dict(meta_base, stopped_early=stopped, stop_step=stop_step,
+                 wall_time=restored_wall + time.perf_counter() - t0),
         )
         last_saved = at_step
 
@@ -943,6 +954,8 @@ def fit(
         stop_step=stop_step,
         svi=svi,
         seed=seed_int,
+        resumed_at_step=start,
+        restored_wall_time=restored_wall,
     )
 
 

@@ -11,7 +11,8 @@ import bayesgen.bench.dgp as dgp
 from bayesgen.errors import NonFiniteLossError
 
 def test_a_diverged_split_is_counted_not_averaged_and_the_study_goes_on(monkeypatch):
-    def fake_split(dataset, split, num_layers, method, **options):
+    def fake_split(dataset, split, num_layers, method, checkpoint=None, checkpoint_every=None,
+                   resume=False, **options):
         if method == "dbvi" and split == 1:
             raise NonFiniteLossError("The loss became nonfinite at step 7. Details follow", step=7,
                                      sites=["y"], params=["v0_scale"])
@@ -37,7 +38,8 @@ def test_a_diverged_split_is_counted_not_averaged_and_the_study_goes_on(monkeypa
 def test_split_ids_run_the_listed_splits_and_bad_ones_are_named(monkeypatch):
     ran = []
 
-    def fake_split(dataset, split, num_layers, method, **options):
+    def fake_split(dataset, split, num_layers, method, checkpoint=None, checkpoint_every=None,
+                   resume=False, **options):
         ran.append(split)
         return {"dataset": dataset, "split": split, "layers": num_layers, "method": method,
                 "rmse": 1.0, "test_ll": -1.0, "final_loss": 0.0, "wall_s": 1.0}
@@ -52,7 +54,8 @@ def test_split_ids_run_the_listed_splits_and_bad_ones_are_named(monkeypatch):
 
 
 def _fake_rows(ran):
-    def fake_split(dataset, split, num_layers, method, **options):
+    def fake_split(dataset, split, num_layers, method, checkpoint=None, checkpoint_every=None,
+                   resume=False, **options):
         ran.append((method, split))
         return {"dataset": dataset, "split": split, "layers": num_layers, "method": method,
                 "rmse": 1.0 + split, "test_ll": -1.0 - split, "final_loss": 0.0, "wall_s": 1.0,
@@ -163,7 +166,8 @@ def test_the_split_table_shows_each_fit_a_failure_and_a_fit_not_run():
 def test_method_options_make_a_variant_kept_apart_in_tables_and_pairs(monkeypatch, tmp_path):
     seen = []
 
-    def fake_split(dataset, split, num_layers, method, **options):
+    def fake_split(dataset, split, num_layers, method, checkpoint=None, checkpoint_every=None,
+                   resume=False, **options):
         seen.append((method, options.get("guide_options")))
         shift = 0.5 if options.get("guide_options") else 0.0
         return {"dataset": dataset, "split": split, "layers": num_layers, "method": method,
@@ -372,8 +376,61 @@ def test_split_ids_take_ranges_and_a_bad_item_is_named(monkeypatch, tmp_path, ca
     cli.main(["bench-dgp", "--datasets", "yacht", "--split-ids", "4-8:2", "--layers", "2-3,5",
               "--steps", "10", "--out", str(tmp_path)])
     assert seen["split_ids"] == [4, 6, 8] and list(seen["args"][1]) == [2, 3, 5]
+    assert seen["checkpoint_every"] == 1000  # fits checkpoint by default
+    cli.main(["bench-dgp", "--datasets", "yacht", "--checkpoint-every", "0", "--out",
+              str(tmp_path)])
+    assert seen["checkpoint_every"] == 0
     for bad, says in (("0-x", "not an integer or a range"), ("5-2", "must go up"),
                       ("0-4:0", "must go up")):
         with pytest.raises(SystemExit):
             cli.main(["bench-dgp", "--split-ids", bad, "--out", str(tmp_path)])
         assert says in capsys.readouterr().err
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_stopped_fit_goes_on_from_its_checkpoint_and_gives_the_uninterrupted_row(
+        monkeypatch, tmp_path):
+    """A study killed mid-fit resumes that fit from its last checkpoint (not from step 0);
+    the row equals an uninterrupted fit's, and the checkpoint goes once the row is logged."""
+    import importlib
+
+    fit_module = importlib.import_module("bayesgen.fit")  # the module, not bayesgen.fit()
+
+    kw = dict(steps=300, batch_size=64, num_inducing=10, num_samples=5, log=lambda _: None,
+              split_ids=[0])
+    straight = dgp.dgp_uci_study(["yacht"], (2,), ("dsvi",), rows_path=str(tmp_path / "a.jsonl"),
+                                 checkpoint_every=0, **kw)[0]
+    assert not (tmp_path / "checkpoints").exists()
+
+    save = fit_module._save_checkpoint
+    steps_saved = []
+
+    def save_then_stop(path, state, step, losses, meta):
+        save(path, state, step, losses, meta)
+        steps_saved.append(step)
+        if step == 200:
+            raise _Stop  # a kill right after the second checkpoint
+
+    monkeypatch.setattr(fit_module, "_save_checkpoint", save_then_stop)
+    out = tmp_path / "b"
+    out.mkdir()
+    with pytest.raises(_Stop):
+        dgp.dgp_uci_study(["yacht"], (2,), ("dsvi",), rows_path=str(out / "rows.jsonl"),
+                          checkpoint_every=100, **kw)
+    assert steps_saved == [100, 200] and not (out / "rows.jsonl").exists()
+    (ckpt,) = (out / "checkpoints").iterdir()
+    assert ckpt.name.startswith("yacht-L2-split0-dsvi-")
+    monkeypatch.setattr(fit_module, "_save_checkpoint", save)
+
+    resumed = dgp.dgp_uci_study(["yacht"], (2,), ("dsvi",), rows_path=str(out / "rows.jsonl"),
+                                resume=True, checkpoint_every=100, **kw)[0]
+    assert resumed["resumed_at_step"] == 200 and "resumed_at_step" not in straight
+    for key in ("rmse", "test_ll", "final_loss", "noise_variance"):
+        assert resumed[key] == pytest.approx(straight[key], rel=1e-5), key
+    assert dgp.row_key(resumed) == dgp.row_key(straight)
+    assert list((out / "checkpoints").iterdir()) == []
+    with pytest.raises(ValueError, match="checkpoint_every must be a positive multiple of 100"):
+        dgp.dgp_uci_study(["yacht"], (2,), ("dsvi",), checkpoint_every=150, **kw)

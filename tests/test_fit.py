@@ -96,6 +96,10 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert first.steps == 30 and (tmp_path / "a.ckpt").exists()
     resumed = _mvn_fit(60, resume=tmp_path / "a.ckpt", checkpoint=tmp_path / "b.ckpt")
     assert resumed.steps == 60
+    # the checkpoint carries the first call's fitting time; the resumed result adds it up
+    assert first.resumed_at_step == 0 and first.restored_wall_time == 0.0
+    assert resumed.resumed_at_step == 30
+    assert 0.0 < resumed.restored_wall_time <= first.wall_time
     np.testing.assert_array_equal(resumed.losses[:30], first.losses)
     for name in straight.params:
         np.testing.assert_allclose(resumed.params[name], straight.params[name], rtol=1e-6, atol=0)

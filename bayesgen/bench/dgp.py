@@ -33,6 +33,7 @@ likelihood noise variance (standardised units), to tell a fit that under- or ove
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -46,7 +47,7 @@ from numpyro.primitives import Messenger
 
 from bayesgen.datasets.uci import load_uci
 from bayesgen.errors import NonFiniteLossError, check_model, check_positive
-from bayesgen.fit import default_optimizer, fit
+from bayesgen.fit import CHUNK_SIZE, default_optimizer, fit
 from bayesgen.models.deep_gp import AutoDSVI, DeepGP, deep_gp_predict, deep_gp_regression_metrics
 
 METHODS = ("dsvi", "ddvi", "dbvi")
@@ -68,24 +69,37 @@ def make_dgp_guide(method: str, model: DeepGP, **options):
 
 def run_dgp_split(dataset, split, num_layers, method, *, steps=5000, learning_rate=None,
                   batch_size=256, num_inducing=100, num_samples=100, seed=0,
-                  guide_options=None, clip_norm=None):
+                  guide_options=None, clip_norm=None, checkpoint=None, checkpoint_every=None,
+                  resume=False):
     """Fit one method on one split; returns a result row (dict).
 
     ``clip_norm``: clip the gradient's global norm to this before Adam (``None``: no
     clipping, the study's default). A gradient whose square overflows float32 (|g| above
     1.8e19) breaks Adam's second moment; clipping is the usual remedy.
+
+    ``checkpoint``, ``checkpoint_every``: write the fit's state there every so many steps
+    (:func:`~bayesgen.fit.fit`); with ``resume=True`` and the file present the fit goes on
+    from it. At a multiple of the fit's chunk (100 steps) the chunks are those of a fit
+    without checkpoints, so the row is the one an uninterrupted fit gives; its ``wall_s``
+    then adds the earlier calls' fitting time and ``resumed_at_step`` says where it went on.
     """
     settings = run_settings(method, steps=steps, learning_rate=learning_rate,
                             batch_size=batch_size, num_inducing=num_inducing,
                             num_samples=num_samples, seed=seed, guide_options=guide_options,
                             clip_norm=clip_norm)
     data, model, guide, batch = _split_setup(dataset, split, num_layers, method, settings)
+    go_on = resume and checkpoint is not None and os.path.exists(checkpoint)
     t0 = time.perf_counter()
     result = fit(model, guide, data.x_train, data.y_train, steps=steps,
                  optimizer=_optimizer(settings), progress_bar=False, seed=seed,
-                 batch_size=batch)
-    wall = time.perf_counter() - t0
-    return _result_row(dataset, split, num_layers, method, data, model, result, wall, settings)
+                 batch_size=batch, checkpoint=checkpoint,
+                 checkpoint_every=checkpoint_every if checkpoint is not None else None,
+                 resume=checkpoint if go_on else None)
+    wall = time.perf_counter() - t0 + result.restored_wall_time
+    row = _result_row(dataset, split, num_layers, method, data, model, result, wall, settings)
+    if result.resumed_at_step:
+        row["resumed_at_step"] = result.resumed_at_step
+    return row
 
 
 def _split_setup(dataset, split, num_layers, method, settings, **guide_overrides):
@@ -367,6 +381,17 @@ def row_key(row):
             tuple((k, json.dumps(row.get(k), sort_keys=True)) for k in _SETTING_KEYS))
 
 
+def fit_checkpoint_path(folder, row):
+    """Where the study keeps the checkpoint of the fit a row (or its key fields) names.
+
+    One file per :func:`row_key` (the settings enter as a short digest), so a variant never
+    resumes another's fit: ``<folder>/<dataset>-L<layers>-split<k>-<method>-<digest>.ckpt``.
+    """
+    digest = hashlib.sha1(json.dumps(row_key(row)).encode()).hexdigest()[:12]
+    name = f"{row['dataset']}-L{row['layers']}-split{row['split']}-{row['method']}-{digest}"
+    return os.path.join(folder, name + ".ckpt")
+
+
 def method_label(row):
     """The method of a row, with its guide options and gradient clipping when it has any:
     ``'dbvi'``, ``'dbvi {"log_snr_min": -10.0}'``, ``'dbvi clip=10'``. Tables and pairings
@@ -401,14 +426,15 @@ def read_rows(paths):
 
 def dgp_uci_study(datasets, layers=(2,), methods=METHODS, *, num_splits=None, split_ids=None,
                   log=print, rows_path=None, resume=False, method_options=None,
-                  batch_splits=False, **options):
+                  batch_splits=False, checkpoint_every=1000, **options):
     """Every method, depth and split; returns the per-split rows.
 
     ``num_splits`` runs the first N splits of each dataset (default all); ``split_ids`` runs
     the listed split indices instead (to finish or share out a study), not both.
 
     ``rows_path``: append each row to this JSON-lines file as soon as its fit ends, so a
-    study that is stopped loses at most the fit in progress. With ``resume=True`` the fits
+    study that is stopped loses at most the fit in progress (its steps since its last
+    checkpoint, with ``checkpoint_every``). With ``resume=True`` the fits
     already finished in that file with the same settings (:func:`row_key`) are not run
     again; their rows are returned with the new ones. Failed fits are run again (after a
     fix, say); the new row replaces the failed one in :func:`read_rows`. A study split over
@@ -418,9 +444,17 @@ def dgp_uci_study(datasets, layers=(2,), methods=METHODS, *, num_splits=None, sp
     ``method_options``: ``{method: guide options}`` for :func:`make_dgp_guide`, e.g.
     ``{"dbvi": {"log_snr_min": -10.0}}`` (stored in each row; tables label the variant).
 
+    ``checkpoint_every``: with ``rows_path``, each one-at-a-time fit also checkpoints its
+    state every so many steps into ``checkpoints/`` beside the row log
+    (:func:`fit_checkpoint_path`), and a resumed study goes on from the checkpoint of the
+    fit that was in progress, so a stop loses at most that many steps. The checkpoint is
+    deleted once the fit's row is logged. A multiple of 100 (the fit's chunk), so the rows
+    are the uninterrupted fits'; ``None`` or 0: no checkpoints.
+
     ``batch_splits=True`` fits the splits of each (dataset, layers, method) together
-    (:func:`run_dgp_splits`, one vmapped fit; for a GPU); their rows are the rows the
-    one-at-a-time fits give up to round-off, so both kinds resume and merge alike.
+    (:func:`run_dgp_splits`, one vmapped fit; for a GPU, without checkpoints); their rows
+    are the rows the one-at-a-time fits give up to round-off, so both kinds resume and
+    merge alike.
     """
     from bayesgen.datasets.uci import uci_splits
 
@@ -432,6 +466,14 @@ def dgp_uci_study(datasets, layers=(2,), methods=METHODS, *, num_splits=None, sp
     if resume and rows_path is None:
         raise ValueError("resume=True needs rows_path, the row log to resume from")
     check_positive("clip_norm", options.get("clip_norm"), allow_none=True)
+    if checkpoint_every and (not isinstance(checkpoint_every, int) or isinstance(
+            checkpoint_every, bool) or checkpoint_every < 0
+            or checkpoint_every % CHUNK_SIZE):
+        raise ValueError(f"checkpoint_every must be a positive multiple of {CHUNK_SIZE} (the "
+                         f"fit's chunk) or 0 for none, got {checkpoint_every!r}")
+    checkpoints = None
+    if checkpoint_every and rows_path is not None:
+        checkpoints = os.path.join(os.path.dirname(rows_path) or ".", "checkpoints")
     method_options = method_options or {}
     if not (isinstance(method_options, dict)
             and all(isinstance(v, dict) for v in method_options.values())):
@@ -511,13 +553,21 @@ def dgp_uci_study(datasets, layers=(2,), methods=METHODS, *, num_splits=None, sp
                     settings = method_settings(method)
                     if reuse(dataset, num_layers, method, split, settings):
                         continue
+                    ckpt = None
+                    if checkpoints is not None:
+                        ckpt = fit_checkpoint_path(checkpoints, {
+                            "dataset": dataset, "layers": num_layers, "method": method,
+                            "split": split, **run_settings(method, **settings)})
                     try:
                         row = run_dgp_split(dataset, split, num_layers, method,
-                                            **{**options, **settings})
+                                            checkpoint=ckpt, checkpoint_every=checkpoint_every,
+                                            resume=resume, **{**options, **settings})
                     except NonFiniteLossError as err:  # one diverged fit: count it, go on
                         row = _failed_row(dataset, split, num_layers, method,
                                           run_settings(method, **settings), err)
                     report(row)
+                    if ckpt is not None and os.path.exists(ckpt):
+                        os.remove(ckpt)  # the row holds the fit now (a failed one re-runs)
     return rows
 
 
