@@ -139,7 +139,20 @@ def test_paired_differences_use_the_splits_both_methods_finished():
             r["final_loss"] = losses[r["method"], r["split"]]
     (p,) = dgp.paired_differences(rows)
     assert p["bound"] == pytest.approx((-2.0 + 15.0) / 2) and p["bound_wins"] == 1
-    assert "| 1 | +6.5 | 1 |" in dgp.format_paired_table([p])
+    assert "| 1 | +6.5 | 1 |  |  |" in dgp.format_paired_table([p])
+    # the learned noise: median of a's over b's, and the splits where a's is lower
+    noise = {("dsvi", 0): 0.2, ("dsvi", 1): 0.1, ("ddvi", 0): 0.1, ("ddvi", 1): 0.3}
+    for r in rows:
+        if (r["method"], r["split"]) in noise:
+            r["noise_variance"] = noise[r["method"], r["split"]]
+        r["wall_s"] = 1.0
+    (p,) = dgp.paired_differences(rows)
+    assert p["noise_ratio"] == pytest.approx((0.5 + 3.0) / 2) and p["noise_lower"] == 1
+    assert "| +6.5 | 1 | 1.75 | 1 |" in dgp.format_paired_table([p])
+    summary = {s["method"]: s for s in dgp.summarise(rows)}
+    # median of the splits that have it (0.2, 0.1; split 2's row predates the record)
+    assert summary["dsvi"]["noise_variance"] == pytest.approx(0.15)
+    assert dgp.format_dgp_table([summary["dsvi"]]).endswith("| 0.15 |")
 
 
 def test_the_split_table_shows_each_fit_a_failure_and_a_fit_not_run():

@@ -576,7 +576,9 @@ def summarise(rows):
     a method's variants with guide options or clipping (:func:`method_label`) are separate.
 
     Splits whose fit failed (rows with ``"failed"``) are counted in ``failed``, not averaged.
-    Rows fitted with other steps or learning rates form their own groups.
+    Rows fitted with other steps or learning rates form their own groups. ``noise_variance``
+    is the median over the splits of the learned likelihood noise (standardised units; nan
+    for rows from before it was recorded).
     """
     groups = {}
     for r in rows:
@@ -598,8 +600,10 @@ def summarise(rows):
             se = v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else float("nan")
             return float(v.mean()), float(se)
 
+        noise = [r["noise_variance"] for r in rs if "noise_variance" in r]
         out.append({**head, "rmse": mse("rmse"), "test_ll": mse("test_ll"),
-                    "wall_s": float(np.mean([r["wall_s"] for r in rs]))})
+                    "wall_s": float(np.mean([r["wall_s"] for r in rs])),
+                    "noise_variance": float(np.median(noise)) if noise else float("nan")})
     return out
 
 
@@ -623,6 +627,10 @@ def paired_differences(rows, pairs=CLAIMS):
     objective each guide maximises ranks the methods as the test metrics do. The median,
     because one loss spike in the last tenth (3e5 nats on one concrete AutoDBVI fit whose
     test metrics were ordinary) swamps a mean.
+
+    Where both carry ``noise_variance`` (the learned likelihood noise), ``noise_ratio`` is
+    the median over splits of ``a``'s over ``b``'s and ``noise_lower`` the splits where
+    ``a``'s is lower: a guide that leaves more of the data to the noise predicts wider.
     """
     cells, base = {}, {}
     for r in rows:
@@ -660,6 +668,11 @@ def _paired_row(dataset, layers, a, b, by_method):
                           for i in splits])
         row["bound"] = float(np.median(bound))
         row["bound_wins"] = int((bound > 0).sum())
+    if all("noise_variance" in by_method[m][i] for m in (a, b) for i in splits):
+        na = np.array([by_method[a][i]["noise_variance"] for i in splits])
+        nb = np.array([by_method[b][i]["noise_variance"] for i in splits])
+        row["noise_ratio"] = float(np.median(na / nb))
+        row["noise_lower"] = int((na < nb).sum())
     return row
 
 
@@ -687,27 +700,33 @@ def _value(v):
 
 def format_paired_table(paired):
     lines = ["| dataset | layers | difference | splits | RMSE diff | lower RMSE on | LL diff | "
-             "higher LL on | training bound diff (median) | higher bound on |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "higher LL on | training bound diff (median) | higher bound on | "
+             "noise variance ratio (median) | lower noise on |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in paired:
         bound = (f"{p['bound']:+.1f} | {p['bound_wins']}" if "bound" in p else " | ")
+        noise = (f"{p['noise_ratio']:.2f} | {p['noise_lower']}" if "noise_ratio" in p
+                 else " | ")
         lines.append(
             f"| {p['dataset']} | {p['layers']} | {p['claim']} | {p['splits']} | "
             f"{_mean_se(p['rmse'], signed=True)} | {p['rmse_wins']} | "
-            f"{_mean_se(p['test_ll'], signed=True)} | {p['test_ll_wins']} | {bound} |")
+            f"{_mean_se(p['test_ll'], signed=True)} | {p['test_ll_wins']} | {bound} | "
+            f"{noise} |")
     return "\n".join(lines)
 
 
 def format_dgp_table(summary):
-    lines = ["| dataset | layers | method | steps | lr | splits | test RMSE | test LL | fit s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| dataset | layers | method | steps | lr | splits | test RMSE | test LL | fit s | "
+             "noise variance (median) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
         splits = f"{s['splits']} ({s['failed']} failed)" if s.get("failed") else f"{s['splits']}"
         steps = "" if s.get("steps") is None else f"{s['steps']}"
         lr = "" if s.get("lr") is None else f"{s['lr']:g}"
         lines.append(
             f"| {s['dataset']} | {s['layers']} | {s['method']} | {steps} | {lr} | {splits} | "
-            f"{_mean_se(s['rmse'])} | {_mean_se(s['test_ll'])} | {s['wall_s']:.0f} |")
+            f"{_mean_se(s['rmse'])} | {_mean_se(s['test_ll'])} | {s['wall_s']:.0f} | "
+            f"{s.get('noise_variance', float('nan')):.3g} |")
     return "\n".join(lines)
 
 
