@@ -210,3 +210,56 @@ def test_dbvi_start_amortised_from_deep_gp_inducing_inputs():
                                        init_scale=None), 0)(x, y)
     with pytest.raises(ValueError, match="context must be a dict"):
         AutoDBVI(model, context=["Z0"])
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_dbvi_start_mean_in_unwhitened_inducing_outputs(dense):
+    """With start_whitening the start network gives the mean of U = L v row by row: the
+    start's mean of v is m0 + L^-1 (network output), in the preconditioner's coordinates."""
+    import jax
+    from flax import nnx
+    from numpyro.infer import Trace_ELBO
+
+    from bayesgen.models.deep_gp import DeepGP
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-2, 2, size=(40, 2)).astype(np.float32)
+    y = np.sin(x[:, 0]) + 0.1 * rng.normal(size=40).astype(np.float32)
+    model = DeepGP(x, num_layers=2, num_inducing=6)
+    d = 6 * 2 + 6 * 1
+    a = np.tril(rng.normal(size=(d, d)) * 0.1) + np.diag(rng.uniform(0.5, 2.0, size=d))
+    pre = (np.zeros(d), a if dense else np.diag(a).copy())
+    guide = AutoDBVI(model, context=model.start_context, start_whitening=model.start_whitening,
+                     num_steps=4, hidden=16, init_scale=pre)
+    svi = SVI(model, guide, optax.adam(1e-2), Trace_ELBO())
+    params = svi.get_params(svi.init(jr.key(0), x, y))
+    moved = {}
+    for site in ("v0", "v1"):
+        leaves, tree = jax.tree.flatten(params[f"auto_start_{site}"])
+        keys = jr.split(jr.key(1), len(leaves))
+        moved[f"auto_start_{site}"] = jax.tree.unflatten(
+            tree, [a + 0.3 * jr.normal(k, a.shape) for a, k in zip(leaves, keys, strict=True)])
+    p1 = {**params, **moved}
+
+    def start_loc(p):
+        with numpyro.handlers.seed(rng_seed=0), numpyro.handlers.substitute(data=p):
+            return guide._start()[0]
+
+    loc = start_loc(p1)
+    shift = (jnp.asarray(a) @ loc) if dense else jnp.diag(jnp.asarray(a)) * loc  # L0 u = v - m0
+    parts = [shift[:12].reshape(6, 2), shift[12:].reshape(6, 1)]
+    for l, (site, part) in enumerate(zip(("v0", "v1"), parts, strict=True)):
+        graph, _ = nnx.split(guide._context_templates[site])  # the network at p1's weights
+        out = nnx.merge(graph, p1[f"auto_start_{site}"])(p1[f"Z{l}"])[:, : part.shape[1]]
+        factor = model.start_whitening[site](lambda n: p1[n])
+        np.testing.assert_allclose(factor @ part, out, rtol=2e-4, atol=2e-5)
+        assert float(jnp.max(jnp.abs(out))) > 0.1  # the check is not 0 = 0
+    # the start now depends on the kernel's lengthscales, through L
+    p2 = {**p1, "lengthscales0": p1["lengthscales0"] * 2.0}
+    assert not np.allclose(start_loc(p2), loc)
+    # at the start network's initial (zero) output the start is the preconditioner's centre
+    np.testing.assert_allclose(start_loc(params), 0.0, atol=1e-6)
+    with pytest.raises(ValueError, match="context does not amortise"):
+        AutoDBVI(model, context={"v0": "Z0"}, start_whitening=model.start_whitening)
+    with pytest.raises(ValueError, match="start_whitening must be a dict"):
+        AutoDBVI(model, context=model.start_context, start_whitening={"v0": 3})

@@ -17,6 +17,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import jax.scipy.linalg as jsl
 import numpyro
 from flax import nnx
 from numpyro.distributions import constraints
@@ -203,6 +204,16 @@ class AutoDBVI(AutoDDVI):
         the inducing inputs and is equivariant to their order). The guide reads the
         param's current value (it is shared with the model, not a copy). Sites not named
         get a constant learned start.
+    start_whitening : ``{latent site: f}`` for sites in ``context`` whose value ``v`` (M, D)
+        is a whitened version ``v = L^-1 U`` of the quantity the context describes row by
+        row, ``f(param)`` returning the (M, M) lower-triangular ``L`` from the model's
+        current parameters (``param(name)`` gives one): a deep GP's inducing outputs,
+        ``L = chol(K_ZZ)`` (:attr:`bayesgen.models.deep_gp.DeepGP.start_whitening`). The
+        network's mean output is then the start's mean of ``U`` (row ``m`` a function of
+        inducing input ``m``, as in DBVI's amortisation of the unwhitened inducing outputs),
+        and the start's mean of ``v`` is the preconditioner's plus ``L^-1`` of it. Without
+        it, the network gives the mean of ``v`` row by row, though row ``m`` of ``v`` mixes
+        rows ``1..m`` of ``U``. The scales stay per coordinate of ``v``.
     min_start_scale : floor of ``s`` (whitened units): ``s = min_start_scale +
         softplus(raw)``, 1 at the start. Without it the fit is free to shrink ``s`` towards
         0 (AutoDBVI deep-GP fits on yacht drove output-layer start scales to 1e-19 in 1400
@@ -214,7 +225,8 @@ class AutoDBVI(AutoDDVI):
     """
 
     def __init__(self, model, *, log_snr_min: float = 0.0, context: dict | None = None,
-                 min_start_scale: float = 1e-3, **kwargs):
+                 start_whitening: dict | None = None, min_start_scale: float = 1e-3,
+                 **kwargs):
         check_positive("min_start_scale", min_start_scale, below=1.0)
         self.min_start_scale = float(min_start_scale)
         if context is not None and (
@@ -226,6 +238,17 @@ class AutoDBVI(AutoDDVI):
                 f"got {context!r}"
             )
         self.context = dict(context or {})
+        if start_whitening is not None and not (
+            isinstance(start_whitening, dict)
+            and all(isinstance(k, str) and callable(f) for k, f in start_whitening.items())
+        ):
+            raise ValueError("start_whitening must be a dict {latent site name: callable}, "
+                             f"got {start_whitening!r}")
+        self.start_whitening = dict(start_whitening or {})
+        outside = sorted(set(self.start_whitening) - set(self.context))
+        if outside:
+            raise ValueError(f"start_whitening names sites {outside} that context does not "
+                             "amortise; give them a context too")
         self._context_templates = {}
         super().__init__(model, log_snr_min=log_snr_min, **kwargs)
 
@@ -258,21 +281,44 @@ class AutoDBVI(AutoDDVI):
     def _start(self):
         floor = self.min_start_scale
         offset = math.log(math.expm1(1.0 - floor))  # floor + softplus(offset) = 1
-        locs, scales = [], []
+        values = {}
+
+        def param(name):  # the model's parameter, read once a call
+            if name not in values:
+                proto = self.prototype_trace.get(name)
+                if proto is None or proto["type"] != "param":
+                    raise ValueError(f"start_whitening asks for {name!r}, which is not a "
+                                     "numpyro.param of the model")
+                values[name] = numpyro.param(
+                    name, proto["value"],
+                    constraint=proto["kwargs"].get("constraint", constraints.real))
+            return values[name]
+
+        locs, scales, latent_offsets = [], [], []
         for site, value in self._init_locs.items():
             shape = jnp.shape(value)
+            size = int(math.prod(shape))
+            latent_offset = jnp.zeros(size)
             if site in self.context:
-                pname = self.context[site]
-                proto = self.prototype_trace[pname]
-                ctx = numpyro.param(pname, proto["value"],
-                                    constraint=proto["kwargs"].get("constraint", constraints.real))
                 net = nnx_param(f"{self.prefix}_start_{site}", self._context_templates[site])
-                out = net(ctx)
+                out = net(param(self.context[site]))
                 loc, raw = out[:, : shape[1]], out[:, shape[1]:]
+                if site in self.start_whitening:  # loc is the mean of U = L v
+                    factor = self.start_whitening[site](param)
+                    latent_offset = jnp.reshape(jsl.solve_triangular(factor, loc, lower=True), -1)
+                    loc = jnp.zeros(size)
             else:
-                size = int(math.prod(shape))
                 loc = numpyro.param(f"{self.prefix}_start_loc_{site}", jnp.zeros(size))
                 raw = numpyro.param(f"{self.prefix}_start_raw_scale_{site}", jnp.zeros(size))
             locs.append(jnp.reshape(loc, -1))
+            latent_offsets.append(latent_offset)
             scales.append(jnp.reshape(floor + jax.nn.softplus(raw + offset), -1))
-        return jnp.concatenate(locs), jnp.concatenate(scales)
+        loc = jnp.concatenate(locs)
+        if self.start_whitening:  # offsets of the latent z = m0 + L0 u, into u's coordinates
+            pre_scale = self.preconditioner[1]
+            shift = jnp.concatenate(latent_offsets)
+            if jnp.ndim(pre_scale) == 2:
+                loc = loc + jsl.solve_triangular(pre_scale, shift, lower=True)
+            else:
+                loc = loc + shift / pre_scale
+        return loc, jnp.concatenate(scales)

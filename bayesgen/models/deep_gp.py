@@ -576,6 +576,22 @@ class DeepGP:
         return {f"v{l}": f"Z{l}" for l in range(self.num_layers)}
 
     @property
+    def start_whitening(self) -> dict:
+        """``{"v{l}": f}`` with ``f(param)`` the factor ``L = chol(K_ZZ + j I)`` of layer
+        ``l`` at its current parameters (``param(name)`` returns a model parameter's value),
+        so that ``L v_l`` are the layer's unwhitened inducing outputs: for
+        :class:`bayesgen.AutoDBVI`'s start in those coordinates (``start_whitening=...``)."""
+
+        def factor(l):
+            def chol(param):
+                z, var = param(f"Z{l}"), param(f"kernel_variance{l}")
+                kzz = self.kernel_fn(z, z, param(f"lengthscales{l}"), var)
+                return _jittered_cholesky(kzz, self.jitter, var)[0]
+            return chol
+
+        return {f"v{l}": factor(l) for l in range(self.num_layers)}
+
+    @property
     def latent_shapes(self) -> dict[str, tuple[int, int]]:
         """``{"v0": (M, D_0), ...}``: the latent sites and their shapes."""
         return {f"v{l}": (self.num_inducing, d) for l, d in enumerate(self.layer_dims)}
