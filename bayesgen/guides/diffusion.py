@@ -287,8 +287,8 @@ class AutoDBVI(AutoDDVI):
             if name not in values:
                 proto = self.prototype_trace.get(name)
                 if proto is None or proto["type"] != "param":
-                    raise ValueError(f"start_whitening asks for {name!r}, which is not a "
-                                     "numpyro.param of the model")
+                    raise ValueError(f"the start needs {name!r} (context or start_whitening), "
+                                     "which is not a numpyro.param of the model")
                 values[name] = numpyro.param(
                     name, proto["value"],
                     constraint=proto["kwargs"].get("constraint", constraints.real))
