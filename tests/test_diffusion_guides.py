@@ -263,3 +263,7 @@ def test_dbvi_start_mean_in_unwhitened_inducing_outputs(dense):
         AutoDBVI(model, context={"v0": "Z0"}, start_whitening=model.start_whitening)
     with pytest.raises(ValueError, match="start_whitening must be a dict"):
         AutoDBVI(model, context=model.start_context, start_whitening={"v0": 3})
+    with pytest.raises(ValueError, match="'nope'.*not a numpyro.param"):
+        numpyro.handlers.seed(AutoDBVI(model, context=model.start_context, num_steps=2,
+                                       start_whitening={"v0": lambda param: param("nope")},
+                                       init_scale=None), 0)(x, y)
