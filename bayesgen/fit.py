@@ -974,7 +974,16 @@ def _replay_failure(svi, run_chunk, chunk_state, chunk_start, fail_step, kind, a
             # finite loss, nonfinite gradient: the update of step k - 1 broke the params
             kind, fail_step = "params", fail_step - 1
     if kind == "params":
-        state = state_after(fail_step - 1)
+        # the state went nonfinite somewhere in the chunk: find the update that did it, one
+        # update at a time (a gradient that overflows Adam's second moment once leaves the
+        # parameters finite, and the chunk's last gradient is then an ordinary one)
+        state, step = chunk_state, chunk_start
+        while step < fail_step - 1:
+            after = run_chunk(state, 1)[0]
+            if not _state_finite(after):
+                break
+            state, step = after, step + 1
+        fail_step = step + 1
     sites, names, bad_params, bad_grads, overflowing = _diagnose_nonfinite(
         svi, state, args, kwargs)
     return _nonfinite_error(fail_step, kind, sites, bad_params, bad_grads, names, overflowing)

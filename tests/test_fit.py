@@ -308,6 +308,29 @@ def test_a_finite_gradient_too_large_to_square_is_named():
     assert "look for sqrt" not in str(info.value)  # not a 0/0: the hint would mislead
 
 
+def test_a_single_overflowing_update_mid_chunk_is_found_and_named():
+    """A rare draw gives one gradient too large to square (|g| ~ 1e21) in the middle of a
+    chunk; the later gradients are ordinary. The error names the update that overflowed
+    (the one a hand-written loop finds) and the params, not the chunk's last update, where
+    nothing is wrong any more (an AutoDDVI deep-GP fit on energy was reported that way)."""
+    def rare_spike():
+        x = numpyro.sample("x", dist.Normal(0.0, 1.0))
+        numpyro.factor("spike", jnp.where(x > 0.25, 1e21 * x, 0.0))  # AutoNormal: sd 0.1
+
+    opt = optax.adam(1e-3)
+    svi = SVI(rare_spike, AutoNormal(rare_spike), opt, Trace_ELBO())
+    state, update = svi.init(jax.random.PRNGKey(0)), jax.jit(svi.update)
+    for step in range(1, 301):
+        state, _ = update(state)
+        if not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.optim_state)):
+            break
+    assert step % 100 not in (0, 99)  # mid-chunk, with ordinary updates after it
+    with pytest.raises(NonFiniteLossError, match="second moment overflowed") as info:
+        fit(rare_spike, AutoNormal(rare_spike), steps=300, optimizer=opt, progress_bar=False)
+    assert info.value.step == step and f"step {step}:" in str(info.value)
+    assert "x_auto_loc" in info.value.gradients
+
+
 def test_check_int_names_the_argument_and_refuses_bools():
     from bayesgen.errors import check_int
 
