@@ -773,8 +773,9 @@ def fit(
         File to write the fit state to (atomically: temporary file, then ``os.replace``):
         every ``checkpoint_every`` steps, at the end, and on ``KeyboardInterrupt`` or
         :class:`~bayesgen.errors.NonFiniteLossError` (then the last finite state). It holds
-        the SVI state (parameters, optimiser state, rng key), the step, the loss trace and
-        the latent/parameter layout, as a ``.npz`` archive without pickles.
+        the SVI state (parameters, optimiser state, rng key), the step, the loss trace, the
+        fitting time so far and the latent/parameter layout, as a ``.npz`` archive without
+        pickles.
     checkpoint_every : int, optional
         Steps between checkpoints; requires ``checkpoint``.
     resume : path, optional
