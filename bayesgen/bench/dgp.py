@@ -46,7 +46,7 @@ import optax
 from numpyro.primitives import Messenger
 
 from bayesgen.datasets.uci import load_uci
-from bayesgen.errors import NonFiniteLossError, check_model, check_positive
+from bayesgen.errors import NonFiniteLossError, check_int, check_model, check_positive
 from bayesgen.fit import CHUNK_SIZE, default_optimizer, fit
 from bayesgen.models.deep_gp import AutoDSVI, DeepGP, deep_gp_predict, deep_gp_regression_metrics
 
@@ -473,9 +473,8 @@ def dgp_uci_study(datasets, layers=(2,), methods=METHODS, *, num_splits=None, sp
     if resume and rows_path is None:
         raise ValueError("resume=True needs rows_path, the row log to resume from")
     check_positive("clip_norm", options.get("clip_norm"), allow_none=True)
-    if checkpoint_every and (not isinstance(checkpoint_every, int) or isinstance(
-            checkpoint_every, bool) or checkpoint_every < 0
-            or checkpoint_every % CHUNK_SIZE):
+    check_int("checkpoint_every", checkpoint_every, minimum=0, allow_none=True)
+    if checkpoint_every and checkpoint_every % CHUNK_SIZE:
         raise ValueError(f"checkpoint_every must be a positive multiple of {CHUNK_SIZE} (the "
                          f"fit's chunk) or 0 for none, got {checkpoint_every!r}")
     checkpoints = None
@@ -512,10 +511,14 @@ def dgp_uci_study(datasets, layers=(2,), methods=METHODS, *, num_splits=None, sp
             settings["guide_options"] = method_options[method]
         return settings
 
+    def fit_fields(dataset, num_layers, method, split, settings):
+        """The fields of a row that identify its fit (:func:`row_key`)."""
+        return {"dataset": dataset, "layers": num_layers, "method": method, "split": split,
+                **run_settings(method, **settings)}
+
     def reuse(dataset, num_layers, method, split, settings):
         """Is this fit in the resumed row log? (Then its row is kept and logged.)"""
-        key = row_key({"dataset": dataset, "layers": num_layers, "method": method,
-                       "split": split, **run_settings(method, **settings)})
+        key = row_key(fit_fields(dataset, num_layers, method, split, settings))
         if key not in done:
             return False
         log(f"[bench-dgp] {dataset} L={num_layers} split {split} {method}: "
@@ -562,9 +565,8 @@ def dgp_uci_study(datasets, layers=(2,), methods=METHODS, *, num_splits=None, sp
                         continue
                     ckpt = None
                     if checkpoints is not None:
-                        ckpt = fit_checkpoint_path(checkpoints, {
-                            "dataset": dataset, "layers": num_layers, "method": method,
-                            "split": split, **run_settings(method, **settings)})
+                        ckpt = fit_checkpoint_path(checkpoints, fit_fields(
+                            dataset, num_layers, method, split, settings))
                     try:
                         row = run_dgp_split(dataset, split, num_layers, method,
                                             checkpoint=ckpt, checkpoint_every=checkpoint_every,
