@@ -251,7 +251,9 @@ def dgp_main(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--options", type=json.loads, default={},
                    help='JSON guide options per method, e.g. \'{"dbvi": {"log_snr_min": -10}}\' '
-                   "(kept in each row; the tables list such a variant as its own method)")
+                   "(kept in each row; the tables list such a variant as its own method); "
+                   'also "warm_start": "dsvi" (start the DeepGP parameters where the split\'s '
+                   'DSVI fit ends) and "freeze_model_params": true (fit only the guide)')
     p.add_argument("--clip-norm", type=float, default=None,
                    help="clip the gradient's global norm before Adam (default: no clipping)")
     p.add_argument("--batch-splits", action="store_true",

@@ -220,6 +220,29 @@ def test_one_real_split_gives_a_complete_row():
     assert dgp.row_key(row) == dgp.row_key({**row, "noise_variance": 1.0})  # not a setting
 
 
+def test_a_warm_start_begins_at_the_source_fits_parameters_and_freezing_keeps_them():
+    """``warm_start="dsvi"``: the DeepGP's parameters start where the split's DSVI fit (its
+    row's fit) ends; with ``freeze_model_params`` they stay there, so the learned noise is
+    DSVI's; without, the fit moves them. Bad values and batched fits are refused."""
+    kw = dict(steps=40, batch_size=64, num_inducing=10, num_samples=5)
+    source = dgp.run_dgp_split("yacht", 0, 2, "dsvi", **kw)
+    frozen = dgp.run_dgp_split("yacht", 0, 2, "ddvi", **kw,
+                               guide_options={"warm_start": "dsvi", "freeze_model_params": True})
+    assert frozen["noise_variance"] == pytest.approx(source["noise_variance"], rel=1e-6)
+    moved = dgp.run_dgp_split("yacht", 0, 2, "ddvi", **kw, guide_options={"warm_start": "dsvi"})
+    assert moved["noise_variance"] != pytest.approx(source["noise_variance"], rel=1e-3)
+    assert moved["warm_start_wall_s"] > 0 and "warm_start_wall_s" not in source
+    assert moved["guide_options"] == {"warm_start": "dsvi"}  # a variant of its own
+    with pytest.raises(ValueError, match="warm_start of ddvi must name another method"):
+        dgp.run_dgp_split("yacht", 0, 2, "ddvi", **kw, guide_options={"warm_start": "ddvi"})
+    with pytest.raises(ValueError, match="freeze_model_params must be true or false"):
+        dgp.run_dgp_split("yacht", 0, 2, "dsvi", **kw,
+                          guide_options={"freeze_model_params": "yes"})
+    with pytest.raises(ValueError, match=r"warm_start \(options of dbvi\) need fits one at a time"):
+        dgp.run_dgp_splits("yacht", [0, 1], 2, "dbvi", **kw,
+                           guide_options={"warm_start": "dsvi"})
+
+
 def test_clip_norm_is_a_setting_old_rows_resume_and_clipped_rows_are_their_own_method(
         monkeypatch, tmp_path):
     ran = []

@@ -52,6 +52,10 @@ from bayesgen.models.deep_gp import AutoDSVI, DeepGP, deep_gp_predict, deep_gp_r
 
 METHODS = ("dsvi", "ddvi", "dbvi")
 LEARNING_RATES = {"dsvi": 1e-2, "ddvi": 3e-3, "dbvi": 3e-3}
+#: options that go with a method's guide options (``--options``) but set up its fit, not its
+#: guide: ``warm_start`` (a method name: start the DeepGP's parameters from that method's fit
+#: of the split) and ``freeze_model_params`` (keep them at their start: only the guide fits)
+FIT_OPTIONS = ("warm_start", "freeze_model_params")
 
 
 def make_dgp_guide(method: str, model: DeepGP, **options):
@@ -89,16 +93,37 @@ def run_dgp_split(dataset, split, num_layers, method, *, steps=5000, learning_ra
     from it. At a multiple of the fit's chunk (100 steps) the chunks are those of a fit
     without checkpoints, so the row is the one an uninterrupted fit gives; its ``wall_s``
     then adds the earlier calls' fitting time and ``resumed_at_step`` says where it went on.
+
+    Two options in ``guide_options`` set up the fit rather than the guide (:data:`FIT_OPTIONS`):
+    ``warm_start="dsvi"`` first fits that method on the split with its own default settings
+    (the fit its row in the study is, same steps, minibatch, inducing points and seed) and
+    starts this fit's DeepGP parameters (inducing inputs, kernel parameters, noise) from its
+    result (``DeepGP(param_init=...)``; the row's ``warm_start_wall_s`` is that fit's time,
+    not in ``wall_s``; a resumed fit repeats it, the guide's start depends on it);
+    ``freeze_model_params=True`` keeps the DeepGP parameters at their start, so that only the
+    guide is fitted (the guide's posterior at given hyperparameters).
     """
     settings = run_settings(method, steps=steps, learning_rate=learning_rate,
                             batch_size=batch_size, num_inducing=num_inducing,
                             num_samples=num_samples, seed=seed, guide_options=guide_options,
                             clip_norm=clip_norm)
-    data, model, guide, batch = _split_setup(dataset, split, num_layers, method, settings)
+    fit_options = _fit_options(method, settings["guide_options"])
+    param_init, warm_wall = None, None
+    if fit_options.get("warm_start") is not None:
+        t0 = time.perf_counter()
+        source = run_settings(fit_options["warm_start"], steps=steps, batch_size=batch_size,
+                              num_inducing=num_inducing, num_samples=num_samples, seed=seed)
+        param_init = _fitted_model_params(dataset, split, num_layers,
+                                          fit_options["warm_start"], source)
+        warm_wall = time.perf_counter() - t0
+    data, model, guide, batch = _split_setup(dataset, split, num_layers, method, settings,
+                                             param_init=param_init)
+    optimizer = _optimizer(settings, frozen=model.param_names
+                           if fit_options.get("freeze_model_params") else ())
     go_on = resume and checkpoint is not None and os.path.exists(checkpoint)
     t0 = time.perf_counter()
     result = fit(model, guide, data.x_train, data.y_train, steps=steps,
-                 optimizer=_optimizer(settings), progress_bar=False, seed=seed,
+                 optimizer=optimizer, progress_bar=False, seed=seed,
                  batch_size=batch, checkpoint=checkpoint,
                  checkpoint_every=checkpoint_every if checkpoint is not None else None,
                  resume=checkpoint if go_on else None)
@@ -106,24 +131,60 @@ def run_dgp_split(dataset, split, num_layers, method, *, steps=5000, learning_ra
     row = _result_row(dataset, split, num_layers, method, data, model, result, wall, settings)
     if result.resumed_at_step:
         row["resumed_at_step"] = result.resumed_at_step
+    if warm_wall is not None:
+        row["warm_start_wall_s"] = warm_wall
     return row
 
 
-def _split_setup(dataset, split, num_layers, method, settings, **guide_overrides):
-    """The split's data, its DeepGP and guide, and the minibatch size (``None``: all rows)."""
+def _fit_options(method, guide_options):
+    """The :data:`FIT_OPTIONS` among a method's guide options, checked."""
+    out = {k: guide_options[k] for k in FIT_OPTIONS if k in guide_options}
+    source = out.get("warm_start")
+    if source is not None and (source not in METHODS or source == method):
+        raise ValueError(f"warm_start of {method} must name another method "
+                         f"({', '.join(m for m in METHODS if m != method)}), got {source!r}")
+    if not isinstance(out.get("freeze_model_params", False), bool):
+        raise ValueError("freeze_model_params must be true or false, got "
+                         f"{out['freeze_model_params']!r}")
+    return out
+
+
+def _fitted_model_params(dataset, split, num_layers, method, settings):
+    """The DeepGP parameters ``method``'s fit of the split ends at (``settings``: its
+    :func:`run_settings`), for a warm start."""
+    data, model, guide, batch = _split_setup(dataset, split, num_layers, method, settings)
+    result = fit(model, guide, data.x_train, data.y_train, steps=settings["steps"],
+                 optimizer=_optimizer(settings), progress_bar=False, seed=settings["seed"],
+                 batch_size=batch)
+    return {k: np.asarray(result.params[k]) for k in model.param_names}
+
+
+def _split_setup(dataset, split, num_layers, method, settings, param_init=None,
+                 **guide_overrides):
+    """The split's data, its DeepGP (parameters started at ``param_init`` where given) and
+    guide, and the minibatch size (``None``: all rows)."""
     data = load_uci(dataset, split)
     n = data.x_train.shape[0]
     model = DeepGP(data.x_train, num_layers=num_layers,
-                   num_inducing=min(settings["inducing"], n), seed=settings["seed"])
-    guide = make_dgp_guide(method, model, **{**settings["guide_options"], **guide_overrides})
+                   num_inducing=min(settings["inducing"], n), param_init=param_init,
+                   seed=settings["seed"])
+    options = {k: v for k, v in settings["guide_options"].items() if k not in FIT_OPTIONS}
+    guide = make_dgp_guide(method, model, **{**options, **guide_overrides})
     batch = settings["batch"]
     return data, model, guide, None if batch is None or batch >= n else batch
 
 
-def _optimizer(settings):
+def _optimizer(settings, frozen=()):
+    """Adam with cosine decay at the method's rate (clipped where ``clip_norm``); the params
+    named in ``frozen`` get no updates."""
     optimizer = default_optimizer(settings["steps"], settings["lr"])
     if settings["clip_norm"] is not None:
         optimizer = optax.chain(optax.clip_by_global_norm(settings["clip_norm"]), optimizer)
+    if frozen:
+        frozen = set(frozen)
+        optimizer = optax.multi_transform(
+            {"fit": optimizer, "frozen": optax.set_to_zero()},
+            lambda params: {k: "frozen" if k in frozen else "fit" for k in params})
     return optimizer
 
 
@@ -215,6 +276,10 @@ def run_dgp_splits(dataset, splits, num_layers, method, *, steps=5000, learning_
                     "num_inducing": num_inducing, "num_samples": num_samples, "seed": seed,
                     "guide_options": guide_options, "clip_norm": clip_norm}
     settings = run_settings(method, **split_kwargs)
+    fit_options = sorted(set(FIT_OPTIONS) & set(settings["guide_options"]))
+    if fit_options:
+        raise ValueError(f"{', '.join(fit_options)} (options of {method}) need fits one at a "
+                         "time (run_dgp_split); drop batch_splits to use them")
     optimizer = optax_to_numpyro(_optimizer(settings))
     # the diffusion guides' pathfinder starts: one vmapped search after the set-ups, not one
     # compilation a split (the search closes over its split's data and parameters)

@@ -429,6 +429,11 @@ class DeepGP:
     lengthscale_init : initial lengthscale of every input dimension, or ``None`` for
         ``sqrt(D_in)`` of each layer.
     kernel_variance_init : initial kernel variance (default 1.0), all layers.
+    param_init : ``{name: value}`` initial values (constrained) of some of the parameters,
+        ``Z{l}``, ``lengthscales{l}``, ``kernel_variance{l}``, ``noise_variance``, in place
+        of the defaults above: to warm-start from another fit, pass
+        ``{k: result.params[k] for k in model.param_names}`` of a fitted DeepGP of the same
+        layout.
     seed : seed of the k-means / random initialisation of the inducing inputs.
     """
 
@@ -447,6 +452,7 @@ class DeepGP:
         noise_init: float = 0.01,
         lengthscale_init: float | None = None,
         kernel_variance_init: float = 1.0,
+        param_init: dict | None = None,
         seed: int = 0,
     ):
         x = np.asarray(x)
@@ -557,6 +563,7 @@ class DeepGP:
             inducing.append((inducing[-1] @ w).astype(np.float32))
         #: initial inducing inputs of each layer
         self.inducing_init: tuple[np.ndarray, ...] = tuple(inducing)
+        self.param_init: dict[str, np.ndarray] = self._checked_param_init(param_init)
 
     def __repr__(self):
         widths = " -> ".join(str(d) for d in (self.input_dim, *self.layer_dims))
@@ -608,6 +615,9 @@ class DeepGP:
 
     def init_params(self) -> dict[str, np.ndarray]:
         """Initial values of the ``numpyro.param`` sites (constrained)."""
+        return {**self._default_params(), **self.param_init}
+
+    def _default_params(self) -> dict[str, np.ndarray]:
         out = {}
         for l in range(self.num_layers):
             d = self.input_dims[l]
@@ -617,6 +627,35 @@ class DeepGP:
             out[f"kernel_variance{l}"] = np.asarray(self.kernel_variance_init, dtype=np.float32)
         if self.likelihood == "gaussian":
             out["noise_variance"] = np.asarray(self.noise_init, dtype=np.float32)
+        return out
+
+    def _checked_param_init(self, param_init) -> dict[str, np.ndarray]:
+        """``param_init`` as float32 arrays, checked against the parameters' names, shapes
+        and constraints (positive lengthscales and variances, noise above the floor)."""
+        if param_init is None:
+            return {}
+        if not isinstance(param_init, dict):
+            raise ValueError(f"param_init must be a dict {{name: value}}, got "
+                             f"{type(param_init).__name__}")
+        defaults = self._default_params()
+        unknown = sorted(set(param_init) - set(defaults))
+        if unknown:
+            raise ValueError(
+                f"param_init names {unknown}, which are not parameters of this DeepGP (it has "
+                f"{', '.join(defaults)}); from a fit's params take "
+                "{k: result.params[k] for k in model.param_names}")
+        out = {}
+        for name, value in param_init.items():
+            value = np.asarray(value, dtype=np.float32)
+            if value.shape != np.shape(defaults[name]):
+                raise ValueError(f"param_init[{name!r}] has shape {value.shape}; this DeepGP's "
+                                 f"{name} has shape {np.shape(defaults[name])}")
+            if not np.all(np.isfinite(value)):
+                raise ValueError(f"param_init[{name!r}] has NaN or infinite values")
+            floor = NOISE_FLOOR if name == "noise_variance" else 0.0
+            if not name.startswith("Z") and not np.all(value > floor):
+                raise ValueError(f"param_init[{name!r}] must be above {floor:g}, got {value}")
+            out[name] = value
         return out
 
     # --- pure pieces shared by the model and the predictions ---------------------------

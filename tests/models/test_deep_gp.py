@@ -526,6 +526,33 @@ def test_gaussian_expected_log_likelihood_site():
 # --------------------------------------------------------------------------- errors
 
 
+def test_param_init_starts_the_named_parameters_there_and_is_checked():
+    """A warm start: the parameters named in ``param_init`` start SVI at those values (the
+    others at their defaults), and a bad name, shape or value is refused by name."""
+    x = np.concatenate([X1, X1 ** 2], axis=1)
+    base = DeepGP(x, num_layers=2, num_inducing=6)
+    start = {"noise_variance": 0.2, "lengthscales1": np.array([0.5, 0.7], np.float32),
+             "Z0": base.init_params()["Z0"] + 1.0}
+    model = DeepGP(x, num_layers=2, num_inducing=6, param_init=start)
+    svi = SVI(model, AutoDSVI(model), optax.adam(1e-3), TraceMeanField_ELBO())
+    params = svi.get_params(svi.init(jax.random.PRNGKey(0), x, Y1))
+    for name, value in start.items():
+        np.testing.assert_allclose(params[name], value, rtol=1e-6, err_msg=name)
+    for name in ("Z1", "lengthscales0", "kernel_variance0", "kernel_variance1"):
+        np.testing.assert_allclose(params[name], base.init_params()[name], rtol=1e-6,
+                                   err_msg=name)
+    with pytest.raises(ValueError, match=r"param_init names \['auto_loc'\], which are not"):
+        DeepGP(x, num_layers=2, num_inducing=6, param_init={"auto_loc": 0.0})
+    with pytest.raises(ValueError, match=r"param_init\['lengthscales0'\] has shape \(3,\)"):
+        DeepGP(x, num_layers=2, num_inducing=6, param_init={"lengthscales0": np.ones(3)})
+    with pytest.raises(ValueError, match=r"param_init\['noise_variance'\] must be above"):
+        DeepGP(x, num_layers=2, num_inducing=6, param_init={"noise_variance": 0.0})
+    with pytest.raises(ValueError, match=r"param_init\['Z1'\] has NaN"):
+        DeepGP(x, num_layers=2, num_inducing=6, param_init={"Z1": np.full((6, 2), np.nan)})
+    with pytest.raises(ValueError, match="param_init must be a dict"):
+        DeepGP(x, num_layers=2, num_inducing=6, param_init=[("noise_variance", 0.1)])
+
+
 def test_errors_name_the_argument():
     x = X1
     with pytest.raises(ValueError, match="num_inducing=100 exceeds the 60 training points"):
