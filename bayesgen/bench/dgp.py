@@ -95,11 +95,12 @@ def run_dgp_split(dataset, split, num_layers, method, *, steps=5000, learning_ra
     then adds the earlier calls' fitting time and ``resumed_at_step`` says where it went on.
 
     Two options in ``guide_options`` set up the fit rather than the guide (:data:`FIT_OPTIONS`):
-    ``warm_start="dsvi"`` first fits that method on the split with its own default settings
-    (the fit its row in the study is, same steps, minibatch, inducing points and seed) and
-    starts this fit's DeepGP parameters (inducing inputs, kernel parameters, noise) from its
-    result (``DeepGP(param_init=...)``; the row's ``warm_start_wall_s`` is that fit's time,
-    not in ``wall_s``; a resumed fit repeats it, the guide's start depends on it);
+    ``warm_start="dsvi"`` first fits that method on the split with its own learning rate and
+    guide (the fit of its row in the study: same steps, minibatch, inducing points, seed and
+    clipping) and starts this fit's DeepGP parameters (inducing inputs, kernel parameters,
+    noise) from its result (``DeepGP(param_init=...)``; the row's ``warm_start_wall_s`` is
+    that fit's time, not in ``wall_s``; a resumed fit repeats it, the guide's start depends
+    on it);
     ``freeze_model_params=True`` keeps the DeepGP parameters at their start, so that only the
     guide is fitted (the guide's posterior at given hyperparameters).
     """
@@ -112,7 +113,8 @@ def run_dgp_split(dataset, split, num_layers, method, *, steps=5000, learning_ra
     if fit_options.get("warm_start") is not None:
         t0 = time.perf_counter()
         source = run_settings(fit_options["warm_start"], steps=steps, batch_size=batch_size,
-                              num_inducing=num_inducing, num_samples=num_samples, seed=seed)
+                              num_inducing=num_inducing, num_samples=num_samples, seed=seed,
+                              clip_norm=clip_norm)
         param_init = _fitted_model_params(dataset, split, num_layers,
                                           fit_options["warm_start"], source)
         warm_wall = time.perf_counter() - t0
