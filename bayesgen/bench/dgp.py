@@ -124,11 +124,9 @@ def run_dgp_split(dataset, split, num_layers, method, *, steps=5000, learning_ra
                            if fit_options.get("freeze_model_params") else ())
     go_on = resume and checkpoint is not None and os.path.exists(checkpoint)
     t0 = time.perf_counter()
-    result = fit(model, guide, data.x_train, data.y_train, steps=steps,
-                 optimizer=optimizer, progress_bar=False, seed=seed,
-                 batch_size=batch, checkpoint=checkpoint,
-                 checkpoint_every=checkpoint_every if checkpoint is not None else None,
-                 resume=checkpoint if go_on else None)
+    result = _fit_split(data, model, guide, batch, settings, optimizer, checkpoint=checkpoint,
+                        checkpoint_every=checkpoint_every if checkpoint is not None else None,
+                        resume=checkpoint if go_on else None)
     wall = time.perf_counter() - t0 + result.restored_wall_time
     row = _result_row(dataset, split, num_layers, method, data, model, result, wall, settings)
     if result.resumed_at_step:
@@ -155,10 +153,15 @@ def _fitted_model_params(dataset, split, num_layers, method, settings):
     """The DeepGP parameters ``method``'s fit of the split ends at (``settings``: its
     :func:`run_settings`), for a warm start."""
     data, model, guide, batch = _split_setup(dataset, split, num_layers, method, settings)
-    result = fit(model, guide, data.x_train, data.y_train, steps=settings["steps"],
-                 optimizer=_optimizer(settings), progress_bar=False, seed=settings["seed"],
-                 batch_size=batch)
+    result = _fit_split(data, model, guide, batch, settings, _optimizer(settings))
     return {k: np.asarray(result.params[k]) for k in model.param_names}
+
+
+def _fit_split(data, model, guide, batch, settings, optimizer, **fit_options):
+    """:func:`~bayesgen.fit.fit` on a split's training rows with the row's steps and seed."""
+    return fit(model, guide, data.x_train, data.y_train, steps=settings["steps"],
+               optimizer=optimizer, progress_bar=False, seed=settings["seed"],
+               batch_size=batch, **fit_options)
 
 
 def _split_setup(dataset, split, num_layers, method, settings, param_init=None,
