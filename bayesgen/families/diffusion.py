@@ -122,6 +122,7 @@ import jax.numpy as jnp
 import jax.random as jr
 
 from bayesgen.families.base import Family, PathSurrogate, WhitenedCoordinates, check_latent
+from bayesgen.families.network_scan import scan_with_network, stop_parameter_gradient
 from bayesgen.families.stochastic_flow import require_inverse
 
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -250,12 +251,19 @@ class DenoisingDiffusion(PathSurrogate, Family, WhitenedCoordinates):
     schedule : :class:`DiffusionSchedule` of the reference process.
     start_loc, start_scale : the start ``rho = N(mu, diag s^2)`` of the reverse process and
         the end of the bridged reference (DBVI); ``None`` for N(0, I) (DDVI).
-    frozen_network : ``network`` with its parameters' gradients stopped; when given, the
-        variational path density is differentiated through the path only (the
-        sticking-the-landing estimator, Roeder, Wu & Duvenaud, 2017; Vargas et al., 2023
-        use it for diffusion samplers): the dropped term, the score of q at a fixed path,
-        has mean zero, and without it the gradient's variance vanishes at the optimum. The
-        loss value is unchanged; each step evaluates the network twice.
+    stick_the_landing : differentiate the variational path density through the path only,
+        at frozen parameters (the sticking-the-landing estimator, Roeder, Wu & Duvenaud,
+        2017; Vargas et al., 2023 use it for diffusion samplers): the dropped term, the
+        score of q at a fixed path, has mean zero, and without it the gradient's variance
+        vanishes at the optimum. The loss value is unchanged. The frozen network is the
+        same evaluation with the parameters' gradient stopped, so it costs no second pass
+        (:func:`~bayesgen.families.network_scan.scan_with_network`).
+    param_grad : how the network's parameter gradient is taken over the steps:
+        ``"batched"`` (default), one VJP of the network batched over all steps after the
+        reverse pass; ``"per_step"``, plain autodiff through the scan (accumulated step by
+        step). The same gradient up to round-off; the first is about twice as fast on a
+        deep GP's latent (:mod:`bayesgen.families.network_scan`), the second is kept to
+        check it against.
     remat : recompute each step in the backward pass (memory O(1) in the steps instead of
         O(N), about a third more compute).
     final_layer : an invertible map ``u_0 -> (T(u_0), log|det dT/du_0|)`` applied at the end
@@ -277,11 +285,15 @@ class DenoisingDiffusion(PathSurrogate, Family, WhitenedCoordinates):
         start_scale=None,
         remat: bool = False,
         parameterization: str = "denoiser",
-        frozen_network: Callable | None = None,
+        stick_the_landing: bool = False,
+        param_grad: str = "batched",
         final_layer: Callable | None = None,
         validate_args=None,
     ):
-        self.frozen_network = frozen_network
+        self.stick_the_landing = bool(stick_the_landing)
+        if param_grad not in ("batched", "per_step"):
+            raise ValueError(f"param_grad must be 'batched' or 'per_step', got {param_grad!r}")
+        self.param_grad = param_grad
         self.final_layer = final_layer
         if parameterization not in ("denoiser", "score"):
             raise ValueError(
@@ -307,8 +319,8 @@ class DenoisingDiffusion(PathSurrogate, Family, WhitenedCoordinates):
         super().__init__(d, validate_args=validate_args)
 
     # --- one path -------------------------------------------------------------------------
-    def _step_moments(self, network, u, t_k, a_k, var_k, abar_k):
-        correction, log_var_scale = network(u, t_k)
+    def _step_moments(self, network_output, u, a_k, var_k, abar_k):
+        correction, log_var_scale = network_output
         if self.parameterization == "denoiser":
             drift = jnp.sqrt(abar_k / (1.0 - abar_k)) * correction
         else:
@@ -321,7 +333,7 @@ class DenoisingDiffusion(PathSurrogate, Family, WhitenedCoordinates):
         sched = self.schedule
         a = sched.step_factor  # (N,)
         var = 1.0 - a * a
-        stl = self.frozen_network is not None
+        stl = self.stick_the_landing
         if self.bridged:
             u_end = self.start_loc + self.start_scale * noise_start
         else:
@@ -335,13 +347,14 @@ class DenoisingDiffusion(PathSurrogate, Family, WhitenedCoordinates):
                 ((u_end - p_loc) / p_scale) ** 2 + 2.0 * jnp.log(p_scale) + _LOG_2PI)
             log_w0 = log_w0 + log_rho(loc, scale) - log_rho(self.start_loc, self.start_scale)
 
-        def step(carry, inputs):
+        def step(apply, carry, inputs):
             u, acc = carry
             a_k, var_k, t_k, abar_k, xi = inputs
-            mean, log_c = self._step_moments(self.network, u, t_k, a_k, var_k, abar_k)
+            live, frozen = apply(u, t_k)
+            mean, log_c = self._step_moments(live, u, a_k, var_k, abar_k)
             u_prev = mean + jnp.sqrt(var_k) * jnp.exp(0.5 * log_c) * xi
             if stl:  # log F_k at frozen parameters, differentiated through the path only
-                mean, log_c = self._step_moments(self.frozen_network, u, t_k, a_k, var_k, abar_k)
+                mean, log_c = self._step_moments(frozen, u, a_k, var_k, abar_k)
                 res = (u_prev - mean) * jnp.exp(-0.5 * log_c) / jnp.sqrt(var_k)
             else:
                 res = xi
@@ -349,11 +362,11 @@ class DenoisingDiffusion(PathSurrogate, Family, WhitenedCoordinates):
             acc = acc - 0.5 * jnp.sum(res * res + log_c) + 0.5 * jnp.sum(r * r) / var_k
             return (u_prev, acc), None
 
-        if self.remat:
-            step = jax.checkpoint(step)
         # k = N, ..., 1: the step from t_k down to t_{k-1}
         inputs = (a[::-1], var[::-1], sched.times[1:][::-1], sched.alpha_bar[1:][::-1], noises)
-        (u0, acc), _ = jax.lax.scan(step, (u_end, log_w0), inputs)
+        (u0, acc), _ = scan_with_network(
+            step, self.network, (u_end, log_w0), inputs, (u_end, sched.times[-1]),
+            batched_param_grad=self.param_grad == "batched", remat=self.remat)
         if self.bridged:
             signal = sched.signal_to_end[0]
             acc = acc + bridge_log_h(u0, signal, self.start_loc, self.start_scale)
@@ -390,11 +403,13 @@ class DenoisingDiffusion(PathSurrogate, Family, WhitenedCoordinates):
         sched = self.schedule
         a = sched.step_factor
         var = 1.0 - a * a
-        network = self.network if self.frozen_network is None else self.frozen_network
+        network = self.network
+        if self.stick_the_landing:  # as on the variational path: parameters frozen
+            network = stop_parameter_gradient(network, (path[0], sched.times[0]))
         u_prev, u = path[:-1], path[1:]
 
         def one(u_k, u_km1, a_k, var_k, t_k, abar_k):
-            mean, log_c = self._step_moments(network, u_k, t_k, a_k, var_k, abar_k)
+            mean, log_c = self._step_moments(network(u_k, t_k), u_k, a_k, var_k, abar_k)
             res = (u_km1 - mean) * jnp.exp(-0.5 * log_c) / jnp.sqrt(var_k)
             r = u_k - a_k * u_km1
             return -0.5 * jnp.sum(res * res + log_c) + 0.5 * jnp.sum(r * r) / var_k
@@ -438,7 +453,13 @@ class DenoisingDiffusion(PathSurrogate, Family, WhitenedCoordinates):
         k_start, k_path = jr.split(key)
         noise_start = jr.normal(k_start, (size, d))
         noises = jr.normal(k_path, (size, n, d))
-        u0, log_q = jax.vmap(self._path)(noise_start, noises)
+        if size == 1:
+            # one path unbatched: a vmap over one path leaves XLA's CPU backend transposed
+            # layouts for the network's parameter gradient and costs a deep-GP fit's step
+            # about a fifth more (docs/benchmarks.md)
+            u0, log_q = jax.tree.map(lambda a: a[None], self._path(noise_start[0], noises[0]))
+        else:
+            u0, log_q = jax.vmap(self._path)(noise_start, noises)
         z = self.to_latent(u0)
         log_q = log_q - self._log_det_precond()
         return z.reshape(shape + (d,)), [log_q.reshape(shape)]

@@ -159,12 +159,12 @@ class AutoDDVI(PreconditionedGuide):
 
     def _get_posterior(self):
         pre_loc, pre_scale = self.preconditioner
-        net, frozen = nnx_param(f"{self.prefix}_score", self._score_template, frozen=True)
+        net = nnx_param(f"{self.prefix}_score", self._score_template)
         start_loc, start_scale = self._start()
         return DenoisingDiffusion(
             self._split_outputs(net), pre_loc, pre_scale, self.schedule,
             start_loc=start_loc, start_scale=start_scale, remat=self.remat,
-            frozen_network=self._split_outputs(frozen) if self.stick_the_landing else None,
+            stick_the_landing=self.stick_the_landing,
             final_layer=self._final_layer(),
         )
 

@@ -82,14 +82,11 @@ def restore_keys(tree, template):
     return tree
 
 
-def nnx_param(name: str, module: nnx.Module, *, frozen: bool = False):
+def nnx_param(name: str, module: nnx.Module):
     """Register ``module``'s parameters as the numpyro param ``name``; return the applied net.
 
     Call inside a guide or model; returns ``net(*args)`` that evaluates the module at the
-    current (possibly substituted or optimised) parameter values. With ``frozen=True`` it
-    returns ``(net, frozen_net)``, the second with the parameters' gradients stopped (same
-    values; for sticking-the-landing estimators, which differentiate a density only through
-    its argument).
+    current (possibly substituted or optimised) parameter values.
     """
     apply, params = split_params(module)
     value = numpyro.param(name, stringify_keys(params))
@@ -98,14 +95,7 @@ def nnx_param(name: str, module: nnx.Module, *, frozen: bool = False):
     def net(*args, **kwargs):
         return apply(current, *args, **kwargs)
 
-    if not frozen:
-        return net
-    stopped = jax.lax.stop_gradient(current)
-
-    def frozen_net(*args, **kwargs):
-        return apply(stopped, *args, **kwargs)
-
-    return net, frozen_net
+    return net
 
 
 def rescale_output(module: MLP, key, din: int, target_sd, *, num_draws: int = 2048):

@@ -205,14 +205,11 @@ def test_sticking_the_landing_gradient_is_unbiased():
     sched = log_snr_schedule(8, log_snr_min=-4.0)
 
     def make(params, frozen):
-        def net(p):
-            def network(u, t):
-                return jnp.tanh(u @ p["w"] + p["b"]) * (1.0 + t), p["c"]
-            return network
+        def network(u, t):
+            return jnp.tanh(u @ params["w"] + params["b"]) * (1.0 + t), params["c"]
 
-        stopped = jax.lax.stop_gradient(params)
-        return DenoisingDiffusion(net(params), jnp.zeros(D), jnp.ones(D), sched,
-                                  frozen_network=net(stopped) if frozen else None)
+        return DenoisingDiffusion(network, jnp.zeros(D), jnp.ones(D), sched,
+                                  stick_the_landing=frozen)
 
     params = {"w": 0.2 * jr.normal(jr.key(1), (D, D)), "b": 0.1 * jnp.ones(D),
               "c": -0.2 * jnp.ones(D)}
@@ -336,7 +333,8 @@ def test_final_layer_exact_transport_closes_both_bounds_and_its_gradient_vanishe
 
     def family(loc, scale):
         return DenoisingDiffusion(_zero, jnp.zeros(D), jnp.ones(D), sched,
-                                  final_layer=affine_layer(loc, scale), frozen_network=_zero)
+                                  final_layer=affine_layer(loc, scale),
+                                  stick_the_landing=True)
 
     fam = family(MEAN, chol)
     log_w, z = _log_weights(fam, jr.key(0), n=2000)
