@@ -227,8 +227,8 @@ def nuts_main(argv):
 
 def dgp_main(argv):
     from bayesgen.bench.dgp import (
-        METHODS, dgp_uci_study, format_dgp_table, format_paired_table, format_split_table,
-        paired_differences, read_rows, summarise,
+        METHODS, dgp_step_times, dgp_uci_study, format_dgp_table, format_paired_table,
+        format_split_table, format_step_times, paired_differences, read_rows, summarise,
     )
 
     p = argparse.ArgumentParser(
@@ -272,9 +272,27 @@ def dgp_main(argv):
     p.add_argument("--from-rows", nargs="+", default=None, metavar="ROWS_JSONL",
                    help="fit nothing: summarise these row logs (e.g. of runs that shared out "
                    "the splits) into one table")
+    p.add_argument("--step-time", type=int, default=None, metavar="STEPS",
+                   help="fit nothing: time a compiled SVI step of DSVI and of each diffusion "
+                   "guide with the network's parameter gradient per step and batched, on the "
+                   "first split given (default 0), best of 5 interleaved rounds of STEPS steps")
     a = p.parse_args(argv)
     t0 = time.time()
     os.makedirs(a.out, exist_ok=True)
+    if a.step_time is not None:
+        split = a.split_ids[0] if a.split_ids else 0
+        rows = [r for ds in a.datasets for layers in a.layers
+                for r in dgp_step_times(ds, layers, split=split, steps=a.step_time,
+                                        batch_size=a.batch, num_inducing=a.inducing,
+                                        seed=a.seed)]
+        table = format_step_times(rows)
+        command = "bayesgen bench-dgp " + " ".join(argv)
+        with open(os.path.join(a.out, "step_times.md"), "w") as f:
+            f.write(f"# bayesgen bench-dgp --step-time\n\nCommand: `{command}`\n\n{table}\n")
+        with open(os.path.join(a.out, "step_times.json"), "w") as f:
+            json.dump(rows, f, indent=1, default=float)
+        print(table)
+        return
     if a.from_rows:
         rows = read_rows(a.from_rows)
     else:

@@ -502,3 +502,33 @@ def test_a_shipped_row_log_is_one_cell_and_resumes_without_refitting(path, monke
                           num_inducing=r["inducing"], num_samples=r["samples"], seed=r["seed"],
                           clip_norm=r["clip_norm"])
     assert ran == []
+
+
+def test_step_times_time_each_variant_and_the_cli_writes_the_table(monkeypatch, tmp_path):
+    variants = (("DDVI per step", "ddvi", {"param_grad": "per_step"}),
+                ("DDVI batched", "ddvi", {"param_grad": "batched"}))
+    rows = dgp.dgp_step_times("yacht", 1, variants, split=2, steps=2, repeats=2,
+                              batch_size=32, num_inducing=8)
+    assert [r["variant"] for r in rows] == ["DDVI per step", "DDVI batched"]
+    assert all(r["latent_dim"] == 8 and r["split"] == 2 and math.isfinite(r["ms_per_step"])
+               and r["ms_per_step"] > 0 for r in rows)
+    table = dgp.format_step_times(rows)
+    assert "| yacht | 1 | DDVI per step | 8 |" in table and "| 1.00x |" in table
+    with pytest.raises(ValueError, match="repeats"):
+        dgp.dgp_step_times("yacht", 1, variants, repeats=0)
+
+    from bayesgen import cli
+
+    seen = []
+
+    def fake(dataset, layers, **kwargs):
+        seen.append((dataset, layers, kwargs))
+        return [{**rows[0], "dataset": dataset, "layers": layers}]
+
+    monkeypatch.setattr(dgp, "dgp_step_times", fake)
+    cli.main(["bench-dgp", "--datasets", "yacht,concrete", "--layers", "2,3", "--split-ids",
+              "4", "--step-time", "20", "--out", str(tmp_path)])
+    assert [(d, l) for d, l, _ in seen] == [("yacht", 2), ("yacht", 3), ("concrete", 2),
+                                             ("concrete", 3)]
+    assert seen[0][2]["split"] == 4 and seen[0][2]["steps"] == 20
+    assert "| concrete | 3 | DDVI per step |" in (tmp_path / "step_times.md").read_text()

@@ -33,6 +33,7 @@ likelihood noise variance (standardised units), to tell a fit that under- or ove
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -43,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from numpyro.infer import SVI, Trace_ELBO
 from numpyro.primitives import Messenger
 
 from bayesgen.datasets.uci import load_uci
@@ -839,3 +841,67 @@ def format_split_table(rows):
             lines.append(f"| {split} | " + " | ".join(cols) + " |")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
+
+
+#: (label, method, guide options) of ``bayesgen bench-dgp --step-time``: DSVI, and each
+#: diffusion guide with the score network's parameter gradient taken per step and batched
+STEP_TIME_VARIANTS = (
+    ("DSVI", "dsvi", {}),
+    ("AutoDDVI, per-step gradient", "ddvi", {"param_grad": "per_step"}),
+    ("AutoDDVI, batched gradient", "ddvi", {"param_grad": "batched"}),
+    ("AutoDBVI, per-step gradient", "dbvi", {"param_grad": "per_step"}),
+    ("AutoDBVI, batched gradient", "dbvi", {"param_grad": "batched"}),
+)
+
+
+def dgp_step_times(dataset, num_layers, variants=STEP_TIME_VARIANTS, *, split=0, steps=50,
+                   repeats=5, batch_size=256, num_inducing=100, seed=0):
+    """Milliseconds a compiled SVI step of each variant takes on one split of ``dataset``.
+
+    Each variant's update (the study's model, guide, loss and optimiser) is compiled once,
+    then timed over ``repeats`` rounds of ``steps`` steps, the variants interleaved within a
+    round so that a change of machine load does not favour one; the best round counts.
+    Returns one row per variant: label, method, options, latent dimension, ms a step.
+    """
+    check_int("steps", steps, minimum=1)
+    check_int("repeats", repeats, minimum=1)
+    timed = []
+    for label, method, options in variants:
+        settings = run_settings(method, steps=steps * repeats, batch_size=batch_size,
+                                num_inducing=num_inducing, seed=seed, guide_options=options)
+        data, model, guide, batch = _split_setup(dataset, split, num_layers, method, settings)
+        make_loss = getattr(guide, "default_loss", None)
+        loss = make_loss(1) if callable(make_loss) else Trace_ELBO()
+        svi = SVI(model, guide, _optimizer(settings), loss)
+        x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+        state = svi.init(jax.random.key(seed), x, y, batch_size=batch)
+        update = jax.jit(functools.partial(svi.update, batch_size=batch))
+        state = jax.block_until_ready(update(state, x, y))[0]  # compiles
+        timed.append([label, method, options, getattr(guide, "latent_dim", None), update,
+                      state, (x, y), math.inf])
+    for _ in range(repeats):
+        for entry in timed:
+            update, state, xy = entry[4:7]
+            start = time.perf_counter()
+            for _ in range(steps):
+                state, loss_value = update(state, *xy)
+            jax.block_until_ready(loss_value)
+            entry[5] = state
+            entry[7] = min(entry[7], (time.perf_counter() - start) / steps * 1e3)
+    return [{"dataset": dataset, "layers": num_layers, "split": split, "variant": label,
+             "method": method, "guide_options": options, "latent_dim": d, "ms_per_step": ms,
+             "steps": steps, "repeats": repeats}
+            for label, method, options, d, _, _, _, ms in timed]
+
+
+def format_step_times(rows):
+    """Markdown table of :func:`dgp_step_times` rows, with each time as a ratio to the
+    first row's of its (dataset, layers)."""
+    lines = ["| dataset | layers | variant | latent d | ms / step | vs first |",
+             "|---|---|---|---|---|---|"]
+    first = {}
+    for r in rows:
+        base = first.setdefault((r["dataset"], r["layers"]), r["ms_per_step"])
+        lines.append(f"| {r['dataset']} | {r['layers']} | {r['variant']} | {r['latent_dim']} | "
+                     f"{r['ms_per_step']:.1f} | {r['ms_per_step'] / base:.2f}x |")
+    return "\n".join(lines)

@@ -61,9 +61,13 @@ class AutoDDVI(PreconditionedGuide):
         choice.
     stick_the_landing : differentiate the variational path density through the path only
         (its score at a fixed path has mean zero and is dropped; the gradient's variance
-        then vanishes at the optimum). Costs a second network pass per step; with it off
-        the gradient is the plain reparameterised one.
+        then vanishes at the optimum). With it off the gradient is the plain
+        reparameterised one. It costs a second network pass a step only with
+        ``param_grad="per_step"``.
     remat : recompute the steps in the backward pass (memory O(1) in N).
+    param_grad : ``"batched"`` (default) or ``"per_step"``: how the score network's parameter
+        gradient is taken over the steps; the same gradient up to round-off, the first about
+        1.6x faster a step on a 5-layer deep GP (:mod:`bayesgen.families.network_scan`).
     max_correction : bound the network's correction ``g`` softly, ``B tanh(g / B)`` with
         ``B = max_correction`` (``None``, the default: unbounded). The reverse step moves
         ``u`` by ``(1 - a_k^2) / a_k`` times the drift; an unbounded ``g`` that grows with
@@ -95,6 +99,7 @@ class AutoDDVI(PreconditionedGuide):
         learn_variance: bool = True,
         stick_the_landing: bool = True,
         remat: bool = False,
+        param_grad: str = "batched",
         max_correction: float | None = None,
         flow: str = "none",
         flow_layers: int = 8,
@@ -107,6 +112,9 @@ class AutoDDVI(PreconditionedGuide):
     ):
         check_int("hidden", hidden, allow_none=True)
         check_int("depth", depth, minimum=0)
+        if param_grad not in ("batched", "per_step"):
+            raise ValueError(f"param_grad must be 'batched' or 'per_step', got {param_grad!r}")
+        self.param_grad = param_grad
         if flow not in DIFFUSION_FLOWS:
             raise ValueError(f"flow must be one of {DIFFUSION_FLOWS}, got {flow!r}")
         if not isinstance(flow_layers, int) or isinstance(flow_layers, bool) or flow_layers < 1:
@@ -164,7 +172,7 @@ class AutoDDVI(PreconditionedGuide):
         return DenoisingDiffusion(
             self._split_outputs(net), pre_loc, pre_scale, self.schedule,
             start_loc=start_loc, start_scale=start_scale, remat=self.remat,
-            stick_the_landing=self.stick_the_landing,
+            stick_the_landing=self.stick_the_landing, param_grad=self.param_grad,
             final_layer=self._final_layer(),
         )
 
