@@ -23,7 +23,8 @@ longer costs a second network pass a step.
 
 Why by hand: JAX's scan has no such option (its transpose accumulates loop-invariant
 cotangents in the carry), and the saving is large for the diffusion guides on deep GPs
-(docs/benchmarks.md); the two pieces used are ``jax.custom_vjp`` and ``jax.closure_convert``.
+(docs/benchmarks.md); the pieces used are ``jax.custom_vjp`` and ``jax.make_jaxpr`` (to
+make the network's parameters explicit arguments of the custom rule).
 """
 
 from __future__ import annotations
@@ -46,13 +47,13 @@ def scan_with_network(step: Callable, network: Callable, carry, xs, example_args
         the network's parameters stopped (its derivative in ``args`` kept).
     network : the network, closing over its parameters (arrays or tracers).
     example_args : arguments of one call of ``network`` (arrays of the right shapes and
-        dtypes), to find what it closes over (``jax.closure_convert``).
+        dtypes), to find what it closes over.
     batched_param_grad : take the parameters' gradient once over all steps (module
         docstring; the default); ``False`` for plain autodiff through the scan (the same
         gradient up to round-off, slower; kept to check the first against).
     remat : recompute each step in the backward pass (memory O(1) in the steps).
     """
-    net_c, consts = jax.closure_convert(network, *example_args)
+    net_c, consts = _hoist_parameters(network, example_args)
     if not batched_param_grad:
         stopped = [jax.lax.stop_gradient(c) for c in consts]
 
@@ -68,9 +69,32 @@ def scan_with_network(step: Callable, network: Callable, carry, xs, example_args
 
 def stop_parameter_gradient(network: Callable, example_args: tuple) -> Callable:
     """``network`` with the gradient of what it closes over (its parameters) stopped."""
-    net_c, consts = jax.closure_convert(network, *example_args)
+    net_c, consts = _hoist_parameters(network, example_args)
     stopped = [jax.lax.stop_gradient(c) for c in consts]
     return lambda *args: net_c(*args, *stopped)
+
+
+def _hoist_parameters(network, example_args):
+    """``(net, params)`` with ``net(*args, *params) == network(*args)``: the floating-point
+    arrays ``network`` closes over (its parameters, traced or not) made explicit arguments.
+
+    ``jax.closure_convert`` does this too, but it caches on the function object in a strong
+    LRU cache of 4096 entries, so each new closure of concrete parameters (a guide's eager
+    call) would keep its arrays alive; this traces the network once a call instead.
+    """
+    closed, out_shape = jax.make_jaxpr(network, return_shape=True)(*example_args)
+    consts = list(closed.consts)
+    hoisted = [jnp.issubdtype(jnp.result_type(c), jnp.inexact) for c in consts]
+    num_args = len(example_args)
+    out_tree = jax.tree.structure(out_shape)
+
+    def net(*args_and_params):
+        args, params = args_and_params[:num_args], iter(args_and_params[num_args:])
+        values = [next(params) if h else c for c, h in zip(consts, hoisted)]
+        out = jax.core.eval_jaxpr(closed.jaxpr, values, *jax.tree.leaves(args))
+        return jax.tree.unflatten(out_tree, out)
+
+    return net, [c for c, h in zip(consts, hoisted) if h]
 
 
 def _counted(step, apply):
