@@ -902,6 +902,7 @@ def format_step_times(rows):
     first = {}
     for r in rows:
         base = first.setdefault((r["dataset"], r["layers"]), r["ms_per_step"])
-        lines.append(f"| {r['dataset']} | {r['layers']} | {r['variant']} | {r['latent_dim']} | "
+        d = "-" if r["latent_dim"] is None else r["latent_dim"]
+        lines.append(f"| {r['dataset']} | {r['layers']} | {r['variant']} | {d} | "
                      f"{r['ms_per_step']:.1f} | {r['ms_per_step'] / base:.2f}x |")
     return "\n".join(lines)
