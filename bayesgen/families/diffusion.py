@@ -261,9 +261,9 @@ class DenoisingDiffusion(PathSurrogate, Family, WhitenedCoordinates):
     param_grad : how the network's parameter gradient is taken over the steps:
         ``"batched"`` (default), one VJP of the network batched over all steps after the
         reverse pass; ``"per_step"``, plain autodiff through the scan (accumulated step by
-        step). The same gradient up to round-off; the first is about twice as fast on a
-        deep GP's latent (:mod:`bayesgen.families.network_scan`), the second is kept to
-        check it against.
+        step). The same gradient up to round-off; with the first a 5-layer deep GP's fit
+        takes a step in about 1/1.6 of the time (:mod:`bayesgen.families.network_scan`),
+        the second is kept to check it against.
     remat : recompute each step in the backward pass (memory O(1) in the steps instead of
         O(N), about a third more compute).
     final_layer : an invertible map ``u_0 -> (T(u_0), log|det dT/du_0|)`` applied at the end
@@ -455,8 +455,8 @@ class DenoisingDiffusion(PathSurrogate, Family, WhitenedCoordinates):
         noises = jr.normal(k_path, (size, n, d))
         if size == 1:
             # one path unbatched: a vmap over one path leaves XLA's CPU backend transposed
-            # layouts for the network's parameter gradient and costs a deep-GP fit's step
-            # about a fifth more (docs/benchmarks.md)
+            # layouts for the network's parameter gradient, and a 5-layer deep GP's step
+            # took 1.4x as long (docs/benchmarks.md)
             u0, log_q = jax.tree.map(lambda a: a[None], self._path(noise_start[0], noises[0]))
         else:
             u0, log_q = jax.vmap(self._path)(noise_start, noises)
