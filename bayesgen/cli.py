@@ -38,14 +38,17 @@ def _int_list(text):
     return out
 
 
-def _write_results(out, rows, command, title):
-    from bayesgen.bench.runner import format_table
+def _write_results(out, rows, command, title, table=None, name="results"):
+    """Write ``OUT/<name>.md`` (title, command, ``table``: markdown, by default the bench
+    runner's table of ``rows``) and ``OUT/<name>.json`` (``rows``); return ``table``."""
+    if table is None:
+        from bayesgen.bench.runner import format_table
 
+        table = format_table(rows)
     os.makedirs(out, exist_ok=True)
-    table = format_table(rows)
-    with open(os.path.join(out, "results.md"), "w") as f:
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
         f.write(f"# {title}\n\nCommand: `{command}`\n\n{table}\n")
-    with open(os.path.join(out, "results.json"), "w") as f:
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
         json.dump(rows, f, indent=1, default=float)
     return table
 
@@ -214,13 +217,8 @@ def nuts_main(argv):
     start = time.time()
     rows = nuts_comparison(a.targets, num_chains=a.chains, num_warmup=a.warmup,
                            num_samples=a.samples, repeats=a.repeats, seed=a.seed)
-    table = format_nuts_table(rows)
-    os.makedirs(a.out, exist_ok=True)
-    command = "bayesgen bench-nuts " + " ".join(argv)
-    with open(os.path.join(a.out, "results.md"), "w") as f:
-        f.write(f"# bayesgen bench-nuts\n\nCommand: `{command}`\n\n{table}\n")
-    with open(os.path.join(a.out, "results.json"), "w") as f:
-        json.dump(rows, f, indent=1, default=float)
+    table = _write_results(a.out, rows, "bayesgen bench-nuts " + " ".join(argv),
+                           "bayesgen bench-nuts", format_nuts_table(rows))
     print(table)
     print(f"\n[bench-nuts] {time.time() - start:.0f} s; results in {a.out}/results.md")
 
@@ -285,13 +283,9 @@ def dgp_main(argv):
                 for r in dgp_step_times(ds, layers, split=split, steps=a.step_time,
                                         batch_size=a.batch, num_inducing=a.inducing,
                                         seed=a.seed)]
-        table = format_step_times(rows)
-        command = "bayesgen bench-dgp " + " ".join(argv)
-        with open(os.path.join(a.out, "step_times.md"), "w") as f:
-            f.write(f"# bayesgen bench-dgp --step-time\n\nCommand: `{command}`\n\n{table}\n")
-        with open(os.path.join(a.out, "step_times.json"), "w") as f:
-            json.dump(rows, f, indent=1, default=float)
-        print(table)
+        print(_write_results(a.out, rows, "bayesgen bench-dgp " + " ".join(argv),
+                             "bayesgen bench-dgp --step-time", format_step_times(rows),
+                             name="step_times"))
         return
     if a.from_rows:
         rows = read_rows(a.from_rows)
@@ -308,12 +302,8 @@ def dgp_main(argv):
     if paired:
         table += ("\n\nPaired by split (the published claims: DDVI beats DSVI, DBVI beats "
                   "DDVI):\n\n" + format_paired_table(paired))
-    command = "bayesgen bench-dgp " + " ".join(argv)
-    with open(os.path.join(a.out, "results.md"), "w") as f:
-        f.write(f"# bayesgen bench-dgp\n\nCommand: `{command}`\n\n{table}\n\n"
-                f"## Each split\n\n{format_split_table(rows)}\n")
-    with open(os.path.join(a.out, "results.json"), "w") as f:
-        json.dump(rows, f, indent=1, default=float)
+    _write_results(a.out, rows, "bayesgen bench-dgp " + " ".join(argv), "bayesgen bench-dgp",
+                   f"{table}\n\n## Each split\n\n{format_split_table(rows)}")
     print(table)
     print(f"\n[bench-dgp] {time.time() - t0:.0f} s; results in {a.out}/results.md")
 

@@ -330,6 +330,15 @@ class FitResult:
 # --------------------------------------------------------------------------- helpers
 
 
+def default_loss(guide, num_particles: int = 1):
+    """The loss :func:`fit` uses for ``guide``: ``guide.default_loss(num_particles)`` when the
+    guide defines one, else ``Trace_ELBO(num_particles=num_particles)``."""
+    make_loss = getattr(guide, "default_loss", None)
+    if callable(make_loss):
+        return make_loss(num_particles)
+    return Trace_ELBO(num_particles=num_particles)
+
+
 def _guide_name(guide) -> str:
     if isinstance(guide, AutoGuide) or not hasattr(guide, "__name__"):
         return type(guide).__name__
@@ -822,8 +831,7 @@ def fit(
     layout = latent_layout(trace)
 
     if loss is None:
-        make_loss = getattr(guide, "default_loss", None)
-        loss = make_loss(num_particles) if callable(make_loss) else Trace_ELBO(num_particles=num_particles)
+        loss = default_loss(guide, num_particles)
     uses_default_optimizer = optimizer is None
     if optimizer is None:
         optimizer = default_optimizer(steps)

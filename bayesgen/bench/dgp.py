@@ -44,12 +44,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from numpyro.infer import SVI, Trace_ELBO
+from numpyro.infer import SVI
 from numpyro.primitives import Messenger
 
 from bayesgen.datasets.uci import load_uci
 from bayesgen.errors import NonFiniteLossError, check_int, check_model, check_positive
-from bayesgen.fit import CHUNK_SIZE, default_optimizer, fit
+from bayesgen.fit import CHUNK_SIZE, default_loss, default_optimizer, fit
 from bayesgen.models.deep_gp import AutoDSVI, DeepGP, deep_gp_predict, deep_gp_regression_metrics
 
 METHODS = ("dsvi", "ddvi", "dbvi")
@@ -268,7 +268,6 @@ def run_dgp_splits(dataset, splits, num_layers, method, *, steps=5000, learning_
     each row is the batch's fitting time divided by the number of splits; ``batched`` says
     how many splits shared it.
     """
-    from numpyro.infer import SVI, Trace_ELBO
     from numpyro.optim import optax_to_numpyro
 
     from bayesgen.fit import FitResult
@@ -298,8 +297,7 @@ def run_dgp_splits(dataset, splits, num_layers, method, *, steps=5000, learning_
         data, model, guide, batch = _split_setup(dataset, split, num_layers, method, settings,
                                                  **overrides)
         check_model(model, (data.x_train, data.y_train), {"batch_size": batch})
-        make_loss = getattr(guide, "default_loss", None)
-        svi = SVI(model, guide, optimizer, make_loss(1) if callable(make_loss) else Trace_ELBO())
+        svi = SVI(model, guide, optimizer, default_loss(guide))
         states.append(svi.init(jax.random.PRNGKey(seed), data.x_train, data.y_train,
                                batch_size=batch))
         setups.append((data, model, guide, svi, batch))
@@ -870,9 +868,7 @@ def dgp_step_times(dataset, num_layers, variants=STEP_TIME_VARIANTS, *, split=0,
         settings = run_settings(method, steps=steps * repeats, batch_size=batch_size,
                                 num_inducing=num_inducing, seed=seed, guide_options=options)
         data, model, guide, batch = _split_setup(dataset, split, num_layers, method, settings)
-        make_loss = getattr(guide, "default_loss", None)
-        loss = make_loss(1) if callable(make_loss) else Trace_ELBO()
-        svi = SVI(model, guide, _optimizer(settings), loss)
+        svi = SVI(model, guide, _optimizer(settings), default_loss(guide))
         x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
         state = svi.init(jax.random.key(seed), x, y, batch_size=batch)
         update = jax.jit(functools.partial(svi.update, batch_size=batch))

@@ -53,30 +53,29 @@ def scan_with_network(step: Callable, network: Callable, carry, xs, example_args
         gradient up to round-off, slower; kept to check the first against).
     remat : recompute each step in the backward pass (memory O(1) in the steps).
     """
-    net_c, consts = _hoist_parameters(network, example_args)
+    net_c, consts, out_shape = _hoist_parameters(network, example_args)
     if not batched_param_grad:
-        stopped = [jax.lax.stop_gradient(c) for c in consts]
+        stopped = jax.lax.stop_gradient(consts)
 
         def apply(*args):
             return net_c(*args, *consts), net_c(*args, *stopped)
 
         body = _counted(step, apply)
         return jax.lax.scan(jax.checkpoint(body) if remat else body, carry, xs)
-    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)),
-                          tuple(example_args))
-    return _scan(step, net_c, remat, shapes, carry, xs, *consts)
+    return _scan(step, net_c, remat, out_shape, carry, xs, *consts)
 
 
 def stop_parameter_gradient(network: Callable, example_args: tuple) -> Callable:
     """``network`` with the gradient of what it closes over (its parameters) stopped."""
-    net_c, consts = _hoist_parameters(network, example_args)
-    stopped = [jax.lax.stop_gradient(c) for c in consts]
+    net_c, consts, _ = _hoist_parameters(network, example_args)
+    stopped = jax.lax.stop_gradient(consts)
     return lambda *args: net_c(*args, *stopped)
 
 
 def _hoist_parameters(network, example_args):
-    """``(net, params)`` with ``net(*args, *params) == network(*args)``: the floating-point
-    arrays ``network`` closes over (its parameters, traced or not) made explicit arguments.
+    """``(net, params, out_shape)`` with ``net(*args, *params) == network(*args)``: the
+    floating-point arrays ``network`` closes over (its parameters, traced or not) made
+    explicit arguments; ``out_shape``, the shapes and dtypes of its output.
 
     ``jax.closure_convert`` does this too, but it caches on the function object in a strong
     LRU cache of 4096 entries, so each new closure of concrete parameters (a guide's eager
@@ -94,7 +93,7 @@ def _hoist_parameters(network, example_args):
         out = jax.core.eval_jaxpr(closed.jaxpr, values, *jax.tree.leaves(args))
         return jax.tree.unflatten(out_tree, out)
 
-    return net, [c for c, h in zip(consts, hoisted) if h]
+    return net, [c for c, h in zip(consts, hoisted) if h], out_shape
 
 
 def _counted(step, apply):
@@ -118,7 +117,7 @@ def _counted(step, apply):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _scan(step, net_c, remat, arg_shapes, carry, xs, *consts):
+def _scan(step, net_c, remat, out_shape, carry, xs, *consts):
     def apply(*args):
         out = net_c(*args, *consts)
         return out, out
@@ -127,7 +126,7 @@ def _scan(step, net_c, remat, arg_shapes, carry, xs, *consts):
     return jax.lax.scan(jax.checkpoint(body) if remat else body, carry, xs)
 
 
-def _scan_fwd(step, net_c, remat, arg_shapes, carry, xs, *consts):
+def _scan_fwd(step, net_c, remat, out_shape, carry, xs, *consts):
     def probed(carry, xs, probes):
         def body(c, x_probe):
             x, probe = x_probe
@@ -147,13 +146,12 @@ def _scan_fwd(step, net_c, remat, arg_shapes, carry, xs, *consts):
         return (c_end, ys), inputs
 
     n = jax.tree.leaves(xs)[0].shape[0]
-    out_shape = jax.eval_shape(lambda *a: net_c(*a, *consts), *arg_shapes)
     probes = jax.tree.map(lambda s: jnp.zeros((n,) + s.shape, s.dtype), out_shape)
     out, pull_back, inputs = jax.vjp(probed, carry, xs, probes, has_aux=True)
     return out, (pull_back, inputs, consts)
 
 
-def _scan_bwd(step, net_c, remat, arg_shapes, residuals, cotangent):
+def _scan_bwd(step, net_c, remat, out_shape, residuals, cotangent):
     pull_back, inputs, consts = residuals
     ct_carry, ct_xs, ct_outputs = pull_back(cotangent)
 
