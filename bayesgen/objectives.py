@@ -57,6 +57,7 @@ import jax.random as jr
 import optax
 from numpyro.infer.elbo import ELBO
 
+from bayesgen.errors import check_int
 from bayesgen.guides.base import ModelDensityGuide, PreconditionedGuide
 
 __all__ = [
@@ -255,13 +256,8 @@ def critic_update(
 # --------------------------------------------------------------------------- guide plumbing
 
 
-def _check_positive_int(name, value, minimum=1):
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
 def _check_anneal(anneal_steps, anneal_start):
-    _check_positive_int("anneal_steps", anneal_steps, minimum=0)
+    check_int("anneal_steps", anneal_steps, minimum=0)
     if not 0.0 <= anneal_start <= 1.0:
         raise ValueError(f"anneal_start must be in [0, 1], got {anneal_start!r}")
 
@@ -320,7 +316,7 @@ class BatchedELBO(ELBO):
     """
 
     def __init__(self, num_particles: int = 1):
-        _check_positive_int("num_particles", num_particles)
+        check_int("num_particles", num_particles)
         super().__init__(num_particles=num_particles)
 
     def loss_with_mutable_state(self, rng_key, param_map, model, guide, *args, **kwargs):
@@ -391,7 +387,7 @@ class KernelSteinLoss(ELBO):
         anneal_steps: int = 0,
         anneal_start: float = 0.1,
     ):
-        _check_positive_int("num_particles", num_particles, minimum=2)
+        check_int("num_particles", num_particles, minimum=2)
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         if statistic not in STATISTICS:
@@ -497,8 +493,8 @@ class ScoreMatchingLoss(ELBO):
         anneal_steps: int = 0,
         anneal_start: float = 0.1,
     ):
-        _check_positive_int("num_particles", num_particles)
-        _check_positive_int("critic_steps", critic_steps, minimum=0)
+        check_int("num_particles", num_particles)
+        check_int("critic_steps", critic_steps, minimum=0)
         _check_anneal(anneal_steps, anneal_start)
         super().__init__(num_particles=num_particles)
         self.critic_steps = critic_steps

@@ -19,7 +19,7 @@ from arviz_base import from_numpyro
 from arviz_base.io_numpyro import NumPyroInferenceAdapter
 from numpyro.infer import Predictive
 
-from bayesgen.errors import trace_model
+from bayesgen.errors import check_int, trace_model
 
 __all__ = ["vi_to_datatree"]
 
@@ -132,8 +132,7 @@ def vi_to_datatree(
     """
     args = tuple(args)
     kwargs = {} if kwargs is None else dict(kwargs)
-    if not isinstance(num_chains, int) or isinstance(num_chains, bool) or num_chains < 1:
-        raise ValueError(f"num_chains must be a positive int, got {num_chains!r}")
+    check_int("num_chains", num_chains)
     if not posterior_samples:
         raise ValueError("posterior_samples is empty: there is nothing to convert")
 

@@ -112,6 +112,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from flax import nnx
 
+from bayesgen.errors import check_int
 from bayesgen.families.base import Family, WhitenedCoordinates, check_latent
 from bayesgen.families.semi_implicit import mixture_log_density, proposal_mixture_log_density
 from bayesgen.nn import MLP, zero_last_layer
@@ -487,8 +488,7 @@ class LinearisedImplicit(WhitenedCoordinates, Family):
                 "linear_head must be a (features, head, head_gram) triple of callables, got "
                 f"{linear_head!r}"
             )
-        if not isinstance(noise_dim, int) or isinstance(noise_dim, bool) or noise_dim < 1:
-            raise ValueError(f"noise_dim must be a positive int, got {noise_dim!r}")
+        check_int("noise_dim", noise_dim)
         if noise_dim > latent_dim:
             raise ValueError(
                 f"noise_dim={noise_dim} exceeds the latent dimension {latent_dim}: LIVI's "
@@ -606,8 +606,7 @@ class LinearisedImplicit(WhitenedCoordinates, Family):
         chunk_size : fresh draws evaluated at once (memory O(chunk_size d)).
         """
         check_latent(value, self.latent_dim)
-        if not isinstance(num_mixing, int) or isinstance(num_mixing, bool) or num_mixing < 0:
-            raise ValueError(f"num_mixing must be an int >= 0, got {num_mixing!r}")
+        check_int("num_mixing", num_mixing, minimum=0)
         if not intermediates or len(intermediates) < 2:
             raise ValueError(
                 "log_importance_density needs the draw's intermediates [surrogate, eps]: the "

@@ -184,6 +184,11 @@ class PreconditionedGuide(AutoContinuous):
         return {k: jnp.quantile(v, q, axis=0) for k, v in samples.items()}
 
 
+def default_width(latent_dim: int, minimum: int = 64) -> int:
+    """Hidden width of a guide's network when the user gives none: ``clip(2 d, minimum, 256)``."""
+    return int(min(256, max(minimum, 2 * latent_dim)))
+
+
 def _signature(args, kwargs):
     """Tree structure and leaf shapes of a call's arguments (is it the set-up's data layout?)."""
     leaves, treedef = jax.tree.flatten((tuple(args), dict(kwargs)))

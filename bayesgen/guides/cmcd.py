@@ -20,7 +20,7 @@ from numpyro.infer.initialization import init_to_median
 from bayesgen.errors import check_int, check_positive
 from bayesgen.families.cmcd import ControlledMonteCarloDiffusion
 from bayesgen.families.stochastic_flow import linear_schedule, monotone_schedule
-from bayesgen.guides.base import ModelDensityGuide
+from bayesgen.guides.base import ModelDensityGuide, default_width
 from bayesgen.nn import ControlNet, nnx_param
 
 
@@ -97,7 +97,7 @@ class AutoCMCD(ModelDensityGuide):
         if not self.use_control:
             return
         d = self.latent_dim
-        width = self.hidden or int(min(256, max(64, 2 * d)))
+        width = self.hidden or default_width(d)
         self._control_template = ControlNet(d, width=width, depth=self.depth,
                                             rngs=nnx.Rngs(params=key))
 

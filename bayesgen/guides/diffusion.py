@@ -26,7 +26,7 @@ from numpyro.infer.initialization import init_to_median
 from bayesgen.errors import check_int, check_positive
 from bayesgen.families.diffusion import DenoisingDiffusion, log_snr_schedule
 from bayesgen.families.stochastic_flow import bijection_block, chain_layers
-from bayesgen.guides.base import PreconditionedGuide
+from bayesgen.guides.base import PreconditionedGuide, default_width
 from bayesgen.guides.stochastic_flow import (
     coupling_templates,
     learned_affine,
@@ -117,8 +117,7 @@ class AutoDDVI(PreconditionedGuide):
         self.param_grad = param_grad
         if flow not in DIFFUSION_FLOWS:
             raise ValueError(f"flow must be one of {DIFFUSION_FLOWS}, got {flow!r}")
-        if not isinstance(flow_layers, int) or isinstance(flow_layers, bool) or flow_layers < 1:
-            raise ValueError(f"flow_layers must be a positive int, got {flow_layers!r}")
+        check_int("flow_layers", flow_layers)
         if max_correction is not None:
             check_positive("max_correction", max_correction)
             max_correction = float(max_correction)
@@ -141,14 +140,14 @@ class AutoDDVI(PreconditionedGuide):
 
     def _build(self, key):
         d = self.latent_dim
-        width = self.hidden or int(min(256, max(64, 2 * d)))
+        width = self.hidden or default_width(d)
         out = 2 * d if self.learn_variance else d
         self._score_template = ScoreNet(d, out, width=width, depth=self.depth,
                                         rngs=nnx.Rngs(params=key))
         if self.flow == "realnvp":
             self._flow_templates = coupling_templates(
                 jax.random.fold_in(key, 7), d, self.flow_layers, 1,
-                int(min(256, max(32, 2 * d))), self.depth)
+                default_width(d, 32), self.depth)
 
     def _start(self):
         return None, None

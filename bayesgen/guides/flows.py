@@ -9,7 +9,7 @@ from numpyro.distributions import constraints
 from numpyro.infer.initialization import init_to_median
 
 from bayesgen.families.flows import FLOW_KINDS, FlowFamily, build_flow
-from bayesgen.guides.base import PreconditionedGuide
+from bayesgen.guides.base import PreconditionedGuide, default_width
 
 _DEFAULT_LAYERS = {"realnvp": 8, "nsf": 6, "maf": 5, "bnaf": 1, "planar": 32, "radial": 32}
 
@@ -17,7 +17,7 @@ _DEFAULT_LAYERS = {"realnvp": 8, "nsf": 6, "maf": 5, "bnaf": 1, "planar": 32, "r
 def _default_hidden(kind: str, dim: int) -> int:
     if kind == "bnaf":
         return 8  # block size: hidden width = dim * 8
-    return int(min(256, max(32, 2 * dim)))
+    return default_width(dim, 32)
 
 
 class AutoFlow(PreconditionedGuide):

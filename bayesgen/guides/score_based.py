@@ -42,6 +42,8 @@ import optax
 from flax import nnx
 from numpyro.primitives import mutable
 
+from bayesgen.errors import check_int
+from bayesgen.guides.base import default_width
 from bayesgen.guides.semi_implicit import AutoSIVI
 from bayesgen.nn import MLP, restore_keys, split_params, stringify_keys, zero_last_layer
 from bayesgen.objectives import (
@@ -51,7 +53,6 @@ from bayesgen.objectives import (
     KernelSteinLoss,
     ScoreMatchingLoss,
     _check_anneal,
-    _check_positive_int,
 )
 
 __all__ = ["AutoKSIVI", "AutoSIVISM"]
@@ -94,7 +95,7 @@ class AutoKSIVI(AutoSIVI):
             raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
         if bandwidth is not None and not bandwidth > 0:
             raise ValueError(f"bandwidth must be positive (or None), got {bandwidth!r}")
-        _check_positive_int("min_particles", min_particles, minimum=2)
+        check_int("min_particles", min_particles, minimum=2)
         _check_anneal(anneal_steps, anneal_start)
         self.kernel, self.statistic, self.bandwidth = kernel, statistic, bandwidth
         self.min_particles = min_particles
@@ -166,12 +167,12 @@ class AutoSIVISM(AutoSIVI):
         **kwargs,
     ):
         if critic_hidden is not None:
-            _check_positive_int("critic_hidden", critic_hidden)
-        _check_positive_int("critic_depth", critic_depth, minimum=0)
+            check_int("critic_hidden", critic_hidden)
+        check_int("critic_depth", critic_depth, minimum=0)
         if not critic_learning_rate > 0:
             raise ValueError(f"critic_learning_rate must be positive, got {critic_learning_rate!r}")
-        _check_positive_int("critic_steps", critic_steps, minimum=0)
-        _check_positive_int("min_particles", min_particles)
+        check_int("critic_steps", critic_steps, minimum=0)
+        check_int("min_particles", min_particles)
         _check_anneal(anneal_steps, anneal_start)
         self.critic_hidden, self.critic_depth = critic_hidden, critic_depth
         self.critic_learning_rate = float(critic_learning_rate)
@@ -194,7 +195,7 @@ class AutoSIVISM(AutoSIVI):
         k_family, k_critic = jr.split(key)
         super()._build(k_family)
         d = self.latent_dim
-        width = self.critic_hidden or int(min(256, max(64, 2 * d)))
+        width = self.critic_hidden or default_width(d)
         net = MLP(d, d, width=width, depth=self.critic_depth, rngs=nnx.Rngs(params=k_critic))
         zero_last_layer(net)
         apply, template = split_params(net)

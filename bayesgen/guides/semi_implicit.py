@@ -18,7 +18,7 @@ from numpyro.infer.initialization import init_to_median
 
 from bayesgen.errors import check_int
 from bayesgen.families.semi_implicit import SemiImplicit, UnbiasedSemiImplicit
-from bayesgen.guides.base import PreconditionedGuide
+from bayesgen.guides.base import PreconditionedGuide, default_width
 from bayesgen.nn import MLP, nnx_param, rescale_output, zero_last_layer
 
 # At initialisation the family is close to the preconditioner's Gaussian N(m0, L0 L0^T):
@@ -102,7 +102,7 @@ class AutoSIVI(PreconditionedGuide):
     def _build(self, key):
         d = self.latent_dim
         self._m = self.noise_dim or int(min(64, max(10, d)))
-        width = self.hidden or int(min(256, max(64, 2 * d)))
+        width = self.hidden or default_width(d)
         out = 2 * d if self.conditional_scale == "mixing" else d
         k_net, k_scale = jax.random.split(key)
         net = MLP(self._m, out, width=width, depth=self.depth,

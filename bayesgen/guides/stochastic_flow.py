@@ -37,7 +37,7 @@ import numpyro
 from numpyro.distributions import constraints
 from numpyro.infer.initialization import init_to_median
 
-from bayesgen.errors import check_positive
+from bayesgen.errors import check_int, check_positive
 from bayesgen.families.flows import build_flow
 from bayesgen.families.stochastic_flow import (
     StochasticNormalizingFlow,
@@ -52,12 +52,6 @@ from bayesgen.families.stochastic_flow import (
 from bayesgen.guides.base import ModelDensityGuide
 
 SNF_FLOWS = ("realnvp", "affine", "none")
-
-
-def _positive_int(name, value, minimum=1):
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
-        raise ValueError(f"{name} must be {kind}, got {value!r}")
 
 
 def coupling_templates(key, dim: int, num_layers: int, num_blocks: int, hidden: int,
@@ -177,15 +171,14 @@ class AutoSNF(ModelDensityGuide):
         init_loc_fn=init_to_median,
         seed: int = 0,
     ):
-        _positive_int("num_blocks", num_blocks)
-        _positive_int("langevin_steps", langevin_steps, minimum=0)
+        check_int("num_blocks", num_blocks)
+        check_int("langevin_steps", langevin_steps, minimum=0)
         if final_steps is None:
             final_steps = 25 if mala else 0
-        _positive_int("final_steps", final_steps, minimum=0)
-        _positive_int("coupling_layers", coupling_layers)
-        _positive_int("depth", depth, minimum=0)
-        if hidden is not None:
-            _positive_int("hidden", hidden)
+        check_int("final_steps", final_steps, minimum=0)
+        check_int("coupling_layers", coupling_layers)
+        check_int("depth", depth, minimum=0)
+        check_int("hidden", hidden, allow_none=True)
         if flow not in SNF_FLOWS:
             raise ValueError(f"flow must be one of {SNF_FLOWS}, got {flow!r}")
         if affine not in ("auto", "tril", "diag"):

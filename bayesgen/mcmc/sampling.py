@@ -56,6 +56,7 @@ import jax.random as jr
 import numpy as np
 from blackjax.base import SamplingAlgorithm
 
+from bayesgen.errors import check_int
 from bayesgen.mcmc import mala as _mala
 from bayesgen.mcmc import sghmc as _sghmc
 from bayesgen.mcmc.potential import ModelLogDensity, model_log_density
@@ -532,8 +533,7 @@ def run(
         raise TypeError(f"kernel must be a name or a callable, got {type(kernel).__name__}")
     for arg, value, low in (("num_chains", num_chains, 1), ("num_warmup", num_warmup, 0),
                             ("num_samples", num_samples, 1)):
-        if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{arg} must be an int >= {low}, got {value!r}")
+        check_int(arg, value, minimum=low)
     if chain_method is None:
         sequential = name in ("nuts", "hmc") and len(jax.devices()) == 1
         chain_method = "sequential" if sequential else "vectorized"

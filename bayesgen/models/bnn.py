@@ -67,6 +67,8 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 
+from bayesgen.errors import check_int
+
 __all__ = [
     "bnn_class_probs",
     "bnn_classification",
@@ -108,10 +110,8 @@ def bnn_layer_shapes(
 ) -> list[tuple[int, int]]:
     """``(fan_in, fan_out)`` of each layer of a network ``n_features -> hidden -> num_outputs``
     (1 output for regression and binary classification, ``num_classes`` otherwise)."""
-    if not isinstance(n_features, int) or n_features < 1:
-        raise ValueError(f"n_features must be a positive int, got {n_features!r}")
-    if not isinstance(num_outputs, int) or isinstance(num_outputs, bool) or num_outputs < 1:
-        raise ValueError(f"num_outputs must be a positive int, got {num_outputs!r}")
+    check_int("n_features", n_features)
+    check_int("num_outputs", num_outputs)
     sizes = [n_features, *_check_hidden(hidden), num_outputs]
     return list(zip(sizes[:-1], sizes[1:], strict=True))
 
@@ -248,8 +248,7 @@ def bnn_classification(
     batch_size : minibatch size for the ``"data"`` plate (``None``: all the data).
     """
     x, n = _check_data(x, y, batch_size)
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
-        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+    check_int("num_classes", num_classes, minimum=2)
     if not prior_scale > 0:
         raise ValueError(f"prior_scale must be positive, got {prior_scale!r}")
     act = _activation(activation)
