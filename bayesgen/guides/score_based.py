@@ -166,8 +166,7 @@ class AutoSIVISM(AutoSIVI):
         anneal_start: float = 0.1,
         **kwargs,
     ):
-        if critic_hidden is not None:
-            check_int("critic_hidden", critic_hidden)
+        check_int("critic_hidden", critic_hidden, allow_none=True)
         check_int("critic_depth", critic_depth, minimum=0)
         if not critic_learning_rate > 0:
             raise ValueError(f"critic_learning_rate must be positive, got {critic_learning_rate!r}")
