@@ -42,7 +42,7 @@ import optax
 from flax import nnx
 from numpyro.primitives import mutable
 
-from bayesgen.errors import check_int
+from bayesgen.errors import check_int, check_positive
 from bayesgen.guides.base import default_width
 from bayesgen.guides.semi_implicit import AutoSIVI
 from bayesgen.nn import MLP, restore_keys, split_params, stringify_keys, zero_last_layer
@@ -93,8 +93,7 @@ class AutoKSIVI(AutoSIVI):
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         if statistic not in STATISTICS:
             raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
-        if bandwidth is not None and not bandwidth > 0:
-            raise ValueError(f"bandwidth must be positive (or None), got {bandwidth!r}")
+        check_positive("bandwidth", bandwidth, allow_none=True)
         check_int("min_particles", min_particles, minimum=2)
         _check_anneal(anneal_steps, anneal_start)
         self.kernel, self.statistic, self.bandwidth = kernel, statistic, bandwidth
@@ -168,8 +167,7 @@ class AutoSIVISM(AutoSIVI):
     ):
         check_int("critic_hidden", critic_hidden, allow_none=True)
         check_int("critic_depth", critic_depth, minimum=0)
-        if not critic_learning_rate > 0:
-            raise ValueError(f"critic_learning_rate must be positive, got {critic_learning_rate!r}")
+        check_positive("critic_learning_rate", critic_learning_rate)
         check_int("critic_steps", critic_steps, minimum=0)
         check_int("min_particles", min_particles)
         _check_anneal(anneal_steps, anneal_start)
