@@ -8,7 +8,8 @@ the offending site (and plate) and says what to change.
 :func:`check_int` and :func:`check_positive` are the argument checks the guides and models
 share for integer settings (widths, depths, counts) and positive real ones (scales, step
 sizes, jitter): a bool is not a number here, NaN and infinity are refused, and the message
-names the argument.
+names the argument. A 0-d array counts as its number; a traced value (a model argument under
+``jit``) cannot be looked at and passes unchecked.
 
 :class:`NonFiniteLossError` is raised by :func:`bayesgen.fit` when the loss stops being
 finite; it carries the 1-based step and the sites and parameters found to be nonfinite.
@@ -20,6 +21,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 from numpyro import handlers
 from numpyro.infer.initialization import init_to_sample
@@ -50,9 +52,16 @@ def check_int(name: str, value, *, minimum: int = 1, allow_none: bool = False) -
 def check_positive(name: str, value, *, below: float | None = None,
                    allow_none: bool = False) -> None:
     """Raise ``ValueError`` naming ``name`` unless ``value`` is a finite real number ``> 0``
-    (and ``< below`` when given; ``None`` passes when ``allow_none``; bools never do)."""
+    (and ``< below`` when given; ``None`` passes when ``allow_none``; bools never do).
+
+    A concrete 0-d numpy/jax array is checked as its number; a ``jax.core.Tracer`` passes,
+    since its value is only known inside the transformation."""
     if value is None and allow_none:
         return
+    if isinstance(value, jax.core.Tracer):
+        return
+    if isinstance(value, np.ndarray | jax.Array) and value.ndim == 0 and value.dtype.kind in "iuf":
+        value = value.item()
     number = isinstance(value, int | float | np.integer | np.floating) and not isinstance(
         value, bool | np.bool_)
     if not (number and math.isfinite(value) and value > 0 and (below is None or value < below)):

@@ -57,7 +57,7 @@ import jax.random as jr
 import optax
 from numpyro.infer.elbo import ELBO
 
-from bayesgen.errors import check_int
+from bayesgen.errors import check_int, check_positive
 from bayesgen.guides.base import ModelDensityGuide, PreconditionedGuide
 
 __all__ = [
@@ -392,8 +392,7 @@ class KernelSteinLoss(ELBO):
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         if statistic not in STATISTICS:
             raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
-        if bandwidth is not None and not bandwidth > 0:
-            raise ValueError(f"bandwidth must be positive (or None for the median), got {bandwidth!r}")
+        check_positive("bandwidth", bandwidth, allow_none=True)
         _check_anneal(anneal_steps, anneal_start)
         super().__init__(num_particles=num_particles)
         self.kernel = kernel

@@ -362,3 +362,34 @@ def test_check_positive_refuses_bools_nan_inf_and_names_the_argument():
 
     with pytest.raises(ValueError, match="jitter must be a positive finite number"):
         DeepGP(np.zeros((4, 2), np.float32), jitter=True)
+
+
+def test_check_positive_reads_0d_arrays_and_lets_traced_values_through():
+    import jax
+    import jax.numpy as jnp
+
+    from bayesgen.errors import check_positive
+
+    check_positive("prior_scale", jnp.asarray(0.5))
+    check_positive("prior_scale", np.asarray(2))
+    for bad in (jnp.asarray(0.0), np.asarray(-1.0), jnp.asarray(jnp.inf), jnp.asarray(True),
+                jnp.ones(2)):
+        with pytest.raises(ValueError, match="prior_scale must be a positive finite number"):
+            check_positive("prior_scale", bad)
+    # under jit the value is unknown: the check passes, the traced computation goes on
+    assert float(jax.jit(lambda s: (check_positive("prior_scale", s), s * 2)[1])(-1.0)) == -2.0
+
+
+def test_hand_written_positive_checks_now_refuse_bools_and_nonfinite_values():
+    from bayesgen.mcmc.sampling import _schedule
+    from bayesgen.models.bnn import bnn_regression
+    from bayesgen.objectives import KernelSteinLoss
+
+    x, y = np.zeros((4, 2), np.float32), np.zeros(4, np.float32)
+    with pytest.raises(ValueError, match="noise_prior_scale must be a positive finite number"):
+        bnn_regression(x, y, noise_prior_scale=float("inf"))
+    with pytest.raises(ValueError, match="bandwidth must be a positive finite number or None"):
+        KernelSteinLoss(bandwidth=True)
+    with pytest.raises(ValueError, match=r"kernel_options\['step_size'\] must be a positive"):
+        _schedule(float("nan"))
+    assert _schedule(np.float32(0.1))(3) == pytest.approx(0.1)

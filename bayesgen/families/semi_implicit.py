@@ -75,6 +75,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 
+from bayesgen.errors import check_positive
 from bayesgen.families.base import Family, WhitenedCoordinates, check_latent
 
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -347,8 +348,7 @@ class UnbiasedSemiImplicit(SemiImplicit):
                           ("num_leapfrog", num_leapfrog)):
             if not isinstance(val, int) or val < (1 if name != "num_burn" else 0):
                 raise ValueError(f"{name} must be a positive int (num_burn may be 0), got {val!r}")
-        if not step_size > 0:
-            raise ValueError(f"step_size must be positive, got {step_size!r}")
+        check_positive("step_size", step_size)
         self.num_burn, self.num_kept = num_burn, num_kept
         self.num_leapfrog, self.step_size = num_leapfrog, float(step_size)
         super().__init__(

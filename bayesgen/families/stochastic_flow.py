@@ -109,6 +109,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import paramax
 
+from bayesgen.errors import check_positive
 from bayesgen.families.base import (
     Family,
     PathSurrogate,
@@ -344,8 +345,7 @@ class StochasticNormalizingFlow(PathSurrogate, Family, WhitenedCoordinates):
             raise ValueError(f"langevin_steps must be an int >= 0, got {langevin_steps!r}")
         if not isinstance(final_steps, int) or isinstance(final_steps, bool) or final_steps < 0:
             raise ValueError(f"final_steps must be an int >= 0, got {final_steps!r}")
-        if score_clip is not None and not score_clip > 0:
-            raise ValueError(f"score_clip must be positive or None, got {score_clip!r}")
+        check_positive("score_clip", score_clip, allow_none=True)
         if control is not None and (mala or not callable(control)):
             raise ValueError(
                 "control must be a callable (u, g, t) -> (d,) and needs mala=False: a "

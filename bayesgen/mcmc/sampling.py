@@ -56,7 +56,7 @@ import jax.random as jr
 import numpy as np
 from blackjax.base import SamplingAlgorithm
 
-from bayesgen.errors import check_int
+from bayesgen.errors import check_int, check_positive
 from bayesgen.mcmc import mala as _mala
 from bayesgen.mcmc import sghmc as _sghmc
 from bayesgen.mcmc.potential import ModelLogDensity, model_log_density
@@ -209,9 +209,8 @@ def _options(name: str, given: Mapping[str, Any] | None) -> dict:
 def _schedule(step_size):
     if callable(step_size):
         return step_size
+    check_positive("kernel_options['step_size']", step_size)
     value = float(step_size)
-    if not value > 0:
-        raise ValueError(f"kernel_options['step_size'] must be positive, got {step_size!r}")
     return lambda t: value
 
 

@@ -67,7 +67,7 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 
-from bayesgen.errors import check_int
+from bayesgen.errors import check_int, check_positive
 
 __all__ = [
     "bnn_class_probs",
@@ -201,11 +201,8 @@ def bnn_regression(
         The log-likelihood of a minibatch is scaled by ``n / batch_size``.
     """
     x, n = _check_data(x, y, batch_size)
-    if not prior_scale > 0 or not noise_prior_scale > 0:
-        raise ValueError(
-            f"prior_scale and noise_prior_scale must be positive, got {prior_scale!r} and "
-            f"{noise_prior_scale!r}"
-        )
+    check_positive("prior_scale", prior_scale)
+    check_positive("noise_prior_scale", noise_prior_scale)
     act = _activation(activation)
     params = _weight_sites(x.shape[1], hidden, 1, prior_scale)
     noise = numpyro.sample("noise", dist.HalfNormal(noise_prior_scale))
@@ -249,8 +246,7 @@ def bnn_classification(
     """
     x, n = _check_data(x, y, batch_size)
     check_int("num_classes", num_classes, minimum=2)
-    if not prior_scale > 0:
-        raise ValueError(f"prior_scale must be positive, got {prior_scale!r}")
+    check_positive("prior_scale", prior_scale)
     act = _activation(activation)
     params = _weight_sites(x.shape[1], hidden, 1 if num_classes == 2 else num_classes,
                            prior_scale)
