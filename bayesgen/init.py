@@ -105,6 +105,8 @@ import jax.numpy as jnp
 import jax.random as jr
 import optax
 
+from bayesgen.errors import check_int
+
 
 class Preconditioner(NamedTuple):
     """A Gaussian N(loc, scale scale^T); ``scale`` is lower triangular (d, d) or a (d,) vector."""
@@ -358,10 +360,8 @@ def find_preconditioner(
     if mixture_scale not in ("geometric", "moments"):
         raise ValueError(
             f"mixture_scale must be 'geometric' or 'moments', got {mixture_scale!r}")
-    if not isinstance(num_paths, int) or num_paths < 1:
-        raise ValueError(f"num_paths must be a positive int, got {num_paths!r}")
-    if not isinstance(num_rounds, int) or num_rounds < 1:
-        raise ValueError(f"num_rounds must be a positive int, got {num_rounds!r}")
+    check_int("num_paths", num_paths)
+    check_int("num_rounds", num_rounds)
     half = jr.normal(k_draw, ((num_draws + 1) // 2, d), dtype=x0.dtype)
     eps = jnp.concatenate([half, -half])  # antithetic: a Gaussian target's ELBO is exact in loc
     path = _lbfgs_path(potential, x0, num_steps)

@@ -393,3 +393,27 @@ def test_hand_written_positive_checks_now_refuse_bools_and_nonfinite_values():
     with pytest.raises(ValueError, match=r"kernel_options\['step_size'\] must be a positive"):
         _schedule(float("nan"))
     assert _schedule(np.float32(0.1))(3) == pytest.approx(0.1)
+
+
+def test_integer_settings_refuse_bools_where_int_checks_let_them_pass():
+    """``isinstance(True, int)`` holds: each of these sites took ``True`` for 1 before."""
+    from bayesgen.families.diffusion import linear_beta_schedule, log_snr_schedule
+    from bayesgen.guides.flows import AutoFlow
+    from bayesgen.models.bnn import bnn_regression
+
+    def model():
+        pass
+
+    x, y = np.zeros((4, 2), np.float32), np.zeros(4, np.float32)
+    cases = [
+        (lambda: linear_beta_schedule(True), "num_steps must be a positive int, got True"),
+        (lambda: log_snr_schedule(True), "num_steps must be a positive int, got True"),
+        (lambda: AutoFlow(model, flow="realnvp", num_layers=True),
+         "num_layers must be a positive int or None, got True"),
+        (lambda: AutoFlow(model, init_steps=True), "init_steps must be a positive int, got True"),
+        (lambda: bnn_regression(x, y, batch_size=True), r"batch_size must be None or an int"),
+    ]
+    for build, message in cases:
+        with pytest.raises(ValueError, match=message):
+            build()
+    assert len(linear_beta_schedule(np.int64(4)).times) == 5

@@ -228,7 +228,8 @@ def livi_bnn_benchmark(
         raise ValueError(f"steps must be an int >= 2 * chunk = {2 * chunk}, got {steps!r}")
     data = _load_data(dataset)
     n_train, n_features = data.x_train.shape
-    if not isinstance(batch_size, int) or not 1 <= batch_size <= n_train:
+    if (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+            or not 1 <= batch_size <= n_train):
         raise ValueError(f"batch_size must be an int in [1, {n_train}], got {batch_size!r}")
     num_chunks = -(-steps // chunk)
     steps = num_chunks * chunk

@@ -47,6 +47,8 @@ import numpy as np
 from numpyro import handlers
 from numpyro.infer.util import log_density
 
+from bayesgen.errors import check_int
+
 
 @dataclasses.dataclass(frozen=True)
 class Diagnosis:
@@ -183,14 +185,12 @@ def diagnose(result, *, num_samples: int = 4000, key=None, num_mixing: int = 100
     """
     from arviz_stats.base import array_stats
 
-    if not isinstance(num_samples, int) or num_samples < 100:
-        raise ValueError(f"num_samples must be an int >= 100, got {num_samples!r}")
+    check_int("num_samples", num_samples, minimum=100)
     key = jr.key(0) if key is None else (jr.key(key) if isinstance(key, int) else key)
     model, guide, params = result.model, result.guide, result.params
     args, kwargs = tuple(result.args), dict(result.kwargs or {})
     k_check, k_draw = jr.split(key)
-    if not isinstance(num_mixing, int) or num_mixing < 1:
-        raise ValueError(f"num_mixing must be a positive int, got {num_mixing!r}")
+    check_int("num_mixing", num_mixing)
     kinds, trace = _guide_kinds(guide, params, args, kwargs, k_check)
     surrogate = sorted(n for n, k in kinds.items() if k != "exact")
     proposals = {n: getattr(trace[n]["fn"], "importance_proposal", None) for n in surrogate}

@@ -121,6 +121,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 
+from bayesgen.errors import check_int
 from bayesgen.families.base import Family, PathSurrogate, WhitenedCoordinates, check_latent
 from bayesgen.families.network_scan import scan_with_network, stop_parameter_gradient
 from bayesgen.families.stochastic_flow import require_inverse
@@ -160,8 +161,7 @@ def linear_beta_schedule(
     ``abar(t) = exp(-beta_min t - (beta_max - beta_min) t^2 / 2)``: the variance-preserving
     schedule of Song et al. (2021); the defaults leave ``abar(1) = 4.3e-5`` of the signal.
     """
-    if not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+    check_int("num_steps", num_steps)
     if not 0 <= beta_min <= beta_max or beta_max <= 0:
         raise ValueError(
             f"need 0 <= beta_min <= beta_max and beta_max > 0, got {beta_min!r}, {beta_max!r}"
@@ -184,8 +184,7 @@ def log_snr_schedule(
     ``abar_N = 4.5e-5`` of the signal. Equal steps in log-SNR are the discretisation of
     Kingma et al. (2021) and Karras et al. (2022).
     """
-    if not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+    check_int("num_steps", num_steps)
     if not log_snr_max > log_snr_min:
         raise ValueError(
             f"need log_snr_max > log_snr_min, got {log_snr_max!r} and {log_snr_min!r}"

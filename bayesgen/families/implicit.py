@@ -251,8 +251,7 @@ def smallest_singular_value(
     ``(s_min, v)``: the Rayleigh-quotient estimate (never below the true smallest singular
     value, up to rounding) and the unit right singular vector estimate (no gradient).
     """
-    if not isinstance(num_iterations, int) or num_iterations < 1:
-        raise ValueError(f"num_iterations must be a positive int, got {num_iterations!r}")
+    check_int("num_iterations", num_iterations)
     if linearised is None:
         linearised = jax.linearize(generator, eps)
     out, jvp_fn = linearised
@@ -495,8 +494,7 @@ class LinearisedImplicit(WhitenedCoordinates, Family):
                 "linearised entropy needs m <= d (a generator R^m -> R^d with m > d cannot be "
                 "injective, and J^T J is singular); use noise_dim <= latent dimension"
             )
-        if not isinstance(num_iterations, int) or num_iterations < 1:
-            raise ValueError(f"num_iterations must be a positive int, got {num_iterations!r}")
+        check_int("num_iterations", num_iterations)
         sigma = jnp.asarray(output_noise)
         if sigma.ndim != 0:
             raise ValueError(f"output_noise must be a scalar, got shape {sigma.shape}")

@@ -75,7 +75,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 
-from bayesgen.errors import check_positive
+from bayesgen.errors import check_int, check_positive
 from bayesgen.families.base import Family, WhitenedCoordinates, check_latent
 
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -227,10 +227,8 @@ class SemiImplicit(WhitenedCoordinates, Family):
         reverse: Callable | None = None,
         validate_args=None,
     ):
-        if not isinstance(num_mixing, int) or num_mixing < 0:
-            raise ValueError(f"num_mixing must be an int >= 0, got {num_mixing!r}")
-        if not isinstance(noise_dim, int) or noise_dim < 1:
-            raise ValueError(f"noise_dim must be a positive int, got {noise_dim!r}")
+        check_int("num_mixing", num_mixing, minimum=0)
+        check_int("noise_dim", noise_dim)
         self.conditional = conditional
         self.noise_dim = noise_dim
         self.num_mixing = num_mixing
@@ -346,8 +344,7 @@ class UnbiasedSemiImplicit(SemiImplicit):
     ):
         for name, val in (("num_burn", num_burn), ("num_kept", num_kept),
                           ("num_leapfrog", num_leapfrog)):
-            if not isinstance(val, int) or val < (1 if name != "num_burn" else 0):
-                raise ValueError(f"{name} must be a positive int (num_burn may be 0), got {val!r}")
+            check_int(name, val, minimum=0 if name == "num_burn" else 1)
         check_positive("step_size", step_size)
         self.num_burn, self.num_kept = num_burn, num_kept
         self.num_leapfrog, self.step_size = num_leapfrog, float(step_size)

@@ -109,7 +109,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import paramax
 
-from bayesgen.errors import check_positive
+from bayesgen.errors import check_int, check_positive
 from bayesgen.families.base import (
     Family,
     PathSurrogate,
@@ -337,14 +337,8 @@ class StochasticNormalizingFlow(PathSurrogate, Family, WhitenedCoordinates):
     ):
         if not callable(log_density):
             raise TypeError(f"log_density must be callable, got {type(log_density).__name__}")
-        if (
-            not isinstance(langevin_steps, int)
-            or isinstance(langevin_steps, bool)
-            or langevin_steps < 0
-        ):
-            raise ValueError(f"langevin_steps must be an int >= 0, got {langevin_steps!r}")
-        if not isinstance(final_steps, int) or isinstance(final_steps, bool) or final_steps < 0:
-            raise ValueError(f"final_steps must be an int >= 0, got {final_steps!r}")
+        check_int("langevin_steps", langevin_steps, minimum=0)
+        check_int("final_steps", final_steps, minimum=0)
         check_positive("score_clip", score_clip, allow_none=True)
         if control is not None and (mala or not callable(control)):
             raise ValueError(

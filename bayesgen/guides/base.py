@@ -26,7 +26,7 @@ from numpyro.infer.autoguide import AutoContinuous
 from numpyro.infer.initialization import init_to_median
 from numpyro.infer.util import potential_energy
 
-from bayesgen.errors import subsampled_plates
+from bayesgen.errors import check_int, subsampled_plates
 from bayesgen.init import find_preconditioner
 
 
@@ -72,8 +72,7 @@ class PreconditionedGuide(AutoContinuous):
                 "init_scale must be 'pathfinder', None or a (loc, scale) pair, "
                 f"got {init_scale!r}"
             )
-        if not isinstance(init_steps, int) or init_steps < 1:
-            raise ValueError(f"init_steps must be a positive int, got {init_steps!r}")
+        check_int("init_steps", init_steps)
         self.init_scale = init_scale
         self.init_steps = init_steps
         self.init_options = dict(init_options or {})

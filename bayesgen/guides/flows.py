@@ -8,6 +8,7 @@ from flowjax.experimental.numpyro import register_params
 from numpyro.distributions import constraints
 from numpyro.infer.initialization import init_to_median
 
+from bayesgen.errors import check_int
 from bayesgen.families.flows import FLOW_KINDS, FlowFamily, build_flow
 from bayesgen.guides.base import PreconditionedGuide, default_width
 
@@ -75,8 +76,7 @@ class AutoFlow(PreconditionedGuide):
         if affine == "none" and flow is None:
             raise ValueError("affine='none' with flow=None leaves nothing to fit; pick one")
         for name, val in (("num_layers", num_layers), ("hidden", hidden), ("depth", depth)):
-            if val is not None and (not isinstance(val, int) or val < 1):
-                raise ValueError(f"{name} must be a positive int, got {val!r}")
+            check_int(name, val, allow_none=True)
         self.flow = flow
         self.num_layers = num_layers if num_layers is not None else _DEFAULT_LAYERS.get(flow, 0)
         self.hidden = hidden

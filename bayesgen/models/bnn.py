@@ -171,7 +171,7 @@ def _check_data(x, y, batch_size):
     if y is not None and jnp.shape(y) != (n,):
         raise ValueError(f"y must have shape ({n},) to match x, got {jnp.shape(y)}")
     if batch_size is not None and (
-        not isinstance(batch_size, int) or not 1 <= batch_size <= n
+        not isinstance(batch_size, int) or isinstance(batch_size, bool) or not 1 <= batch_size <= n
     ):
         raise ValueError(f"batch_size must be None or an int in [1, {n}], got {batch_size!r}")
     return x, n
@@ -308,8 +308,7 @@ def classification_metrics(probs, y, *, num_bins: int = 15) -> dict:
     if p.ndim != 2 or p.shape[0] != y.shape[0]:
         raise ValueError(f"probs must be (n,), (n, K) or (S, n, K) with n = len(y) = {y.shape[0]}, "
                          f"got shape {np.shape(probs)}")
-    if not isinstance(num_bins, int) or num_bins < 1:
-        raise ValueError(f"num_bins must be a positive int, got {num_bins!r}")
+    check_int("num_bins", num_bins)
     pred = p.argmax(-1)
     correct = (pred == y).astype(np.float64)
     p_true = p[np.arange(y.shape[0]), y]
