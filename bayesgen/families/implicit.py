@@ -112,7 +112,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from flax import nnx
 
-from bayesgen.errors import check_int
+from bayesgen.errors import check_int, check_positive
 from bayesgen.families.base import Family, WhitenedCoordinates, check_latent
 from bayesgen.families.semi_implicit import mixture_log_density, proposal_mixture_log_density
 from bayesgen.nn import MLP, zero_last_layer
@@ -498,8 +498,7 @@ class LinearisedImplicit(WhitenedCoordinates, Family):
         sigma = jnp.asarray(output_noise)
         if sigma.ndim != 0:
             raise ValueError(f"output_noise must be a scalar, got shape {sigma.shape}")
-        if not isinstance(sigma, jax.core.Tracer) and not float(sigma) > 0:
-            raise ValueError(f"output_noise must be positive, got {float(sigma)!r}")
+        check_positive("output_noise", sigma)
         self.generator = generator
         self.noise_dim = noise_dim
         self.output_noise = sigma
