@@ -30,6 +30,7 @@ __all__ = [
     "ModelStructureError",
     "NonFiniteLossError",
     "check_int",
+    "is_int",
     "check_positive",
     "check_model",
     "latent_layout",
@@ -38,13 +39,23 @@ __all__ = [
 ]
 
 
-def check_int(name: str, value, *, minimum: int = 1, allow_none: bool = False) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` is an int ``>= minimum``
-    (``None`` passes when ``allow_none``; ``True``/``False`` never do)."""
+def is_int(value) -> bool:
+    """Whether ``value`` is a Python or numpy integer (``True``/``False`` are not)."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def check_int(name: str, value, *, minimum: int = 1, maximum: int | None = None,
+              allow_none: bool = False) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is an int in ``[minimum, maximum]``
+    (no upper end when ``maximum`` is None; ``None`` passes when ``allow_none``;
+    ``True``/``False`` never do)."""
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+    if not is_int(value) or value < minimum or (maximum is not None and value > maximum):
+        if maximum is not None:
+            what = f"an int in [{minimum}, {maximum}]"
+        else:
+            what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
         raise ValueError(f"{name} must be {what}{' or None' if allow_none else ''}, "
                          f"got {value!r}")
 

@@ -35,7 +35,9 @@ from numpyro.optim import _NumPyroOptim, optax_to_numpyro
 from bayesgen.errors import (
     ModelStructureError,
     NonFiniteLossError,
+    check_int,
     check_model,
+    is_int,
     latent_layout,
 )
 
@@ -118,11 +120,8 @@ class EarlyStop:
 
     def __post_init__(self):
         for name in ("patience", "window"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"EarlyStop.{name} must be a positive int, got {value!r}")
-        if not _is_int(self.min_steps) or self.min_steps < 0:
-            raise ValueError(f"EarlyStop.min_steps must be an int >= 0, got {self.min_steps!r}")
+            check_int(f"EarlyStop.{name}", getattr(self, name))
+        check_int("EarlyStop.min_steps", self.min_steps, minimum=0)
         if not (isinstance(self.rel_tol, int | float) and self.rel_tol >= 0):
             raise ValueError(f"EarlyStop.rel_tol must be a float >= 0, got {self.rel_tol!r}")
 
@@ -267,9 +266,8 @@ class FitResult:
             site, plus the deterministic sites the guide reports (numpyro's autoguides
             report the model's deterministic sites).
         """
-        for name, value in (("num_samples", num_samples), ("batch_size", batch_size)):
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_int("num_samples", num_samples)
+        check_int("batch_size", batch_size)
         key = _as_key(self._default_key() if key is None else key, "key")
         sizes = [batch_size] * (num_samples // batch_size)
         if num_samples % batch_size:
@@ -345,12 +343,8 @@ def _guide_name(guide) -> str:
     return guide.__name__
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
-
-
 def _as_key(value, name: str):
-    if _is_int(value):
+    if is_int(value):
         return jax.random.PRNGKey(int(value))
     if isinstance(value, jax.Array | np.ndarray):
         if jnp.issubdtype(value.dtype, jax.dtypes.prng_key) or (
@@ -672,17 +666,14 @@ def _nonfinite_error(step, kind, sites, bad_params, bad_grads, site_names,
 
 
 def _validate(steps, num_particles, checkpoint, checkpoint_every, resume, progress_bar, optimizer, loss):
-    if not _is_int(steps) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
-    if not _is_int(num_particles) or num_particles < 1:
-        raise ValueError(f"num_particles must be a positive int, got {num_particles!r}")
+    check_int("steps", steps)
+    check_int("num_particles", num_particles)
     if checkpoint_every is not None:
         if checkpoint is None:
             raise ValueError(
                 "checkpoint_every needs checkpoint=<path> to know where to write the checkpoints"
             )
-        if not _is_int(checkpoint_every) or checkpoint_every < 1:
-            raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
+        check_int("checkpoint_every", checkpoint_every)
     if checkpoint is not None and not isinstance(checkpoint, str | os.PathLike):
         raise TypeError(f"checkpoint must be a path (str or os.PathLike), got {checkpoint!r}")
     if resume is not None:
@@ -822,7 +813,7 @@ def fit(
     steps = int(steps)
     checkpoint_every = None if checkpoint_every is None else int(checkpoint_every)
     key = _as_key(seed, "seed")
-    seed_int = int(seed) if _is_int(seed) else 0
+    seed_int = int(seed) if is_int(seed) else 0
     if checkpoint is not None:
         checkpoint = os.fspath(checkpoint)
         os.makedirs(os.path.dirname(os.path.abspath(checkpoint)), exist_ok=True)

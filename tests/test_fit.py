@@ -343,6 +343,23 @@ def test_check_int_names_the_argument_and_refuses_bools():
         check_int("hidden", None)
     with pytest.raises(ValueError, match=r"num_mixing must be an int >= 0 or None, got 2.5"):
         check_int("num_mixing", 2.5, minimum=0, allow_none=True)
+    check_int("batch_size", 50, maximum=50)
+    with pytest.raises(ValueError, match=r"batch_size must be an int in \[1, 50\], got 51"):
+        check_int("batch_size", 51, maximum=50)
+    with pytest.raises(ValueError, match=r"batch_size must be an int in \[1, 50\] or None, got 0"):
+        check_int("batch_size", 0, maximum=50, allow_none=True)
+
+
+def test_data_size_bounds_on_batch_size_name_the_training_size():
+    from bayesgen.models.bnn import bnn_regression
+    from bayesgen.models.deep_gp import DeepGP
+
+    x, y = np.random.default_rng(0).normal(size=(6, 2)).astype(np.float32), np.zeros(6)
+    for batch in (7, True, 2.0):
+        with pytest.raises(ValueError, match=r"batch_size must be an int in \[1, 6\] or None"):
+            bnn_regression(x, y, batch_size=batch)
+        with pytest.raises(ValueError, match=r"batch_size must be an int in \[1, 6\] or None"):
+            DeepGP(x, num_layers=1, num_inducing=3)(x, y, batch_size=batch)
 
 
 def test_check_positive_refuses_bools_nan_inf_and_names_the_argument():
@@ -411,7 +428,8 @@ def test_integer_settings_refuse_bools_where_int_checks_let_them_pass():
         (lambda: AutoFlow(model, flow="realnvp", num_layers=True),
          "num_layers must be a positive int or None, got True"),
         (lambda: AutoFlow(model, init_steps=True), "init_steps must be a positive int, got True"),
-        (lambda: bnn_regression(x, y, batch_size=True), r"batch_size must be None or an int"),
+        (lambda: bnn_regression(x, y, batch_size=True),
+         r"batch_size must be an int in \[1, 4\] or None, got True"),
     ]
     for build, message in cases:
         with pytest.raises(ValueError, match=message):

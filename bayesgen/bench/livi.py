@@ -69,6 +69,7 @@ from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoNormal
 from numpyro.infer.initialization import init_to_median, init_to_sample
 
+from bayesgen.errors import check_int
 from bayesgen.guides.implicit import AutoLIVI
 from bayesgen.models.bnn import bnn_forward, bnn_num_weights, bnn_regression, regression_metrics
 
@@ -224,13 +225,10 @@ def livi_bnn_benchmark(
     -------
     dict with the numbers of the table (times in ms, memory in MiB).
     """
-    if not isinstance(steps, int) or steps < 2 * chunk:
-        raise ValueError(f"steps must be an int >= 2 * chunk = {2 * chunk}, got {steps!r}")
+    check_int("steps", steps, minimum=2 * chunk)
     data = _load_data(dataset)
     n_train, n_features = data.x_train.shape
-    if (isinstance(batch_size, bool) or not isinstance(batch_size, int)
-            or not 1 <= batch_size <= n_train):
-        raise ValueError(f"batch_size must be an int in [1, {n_train}], got {batch_size!r}")
+    check_int("batch_size", batch_size, maximum=n_train)
     num_chunks = -(-steps // chunk)
     steps = num_chunks * chunk
     model_kw = dict(hidden=tuple(hidden), activation=activation)

@@ -170,10 +170,7 @@ def _check_data(x, y, batch_size):
     n = x.shape[0]
     if y is not None and jnp.shape(y) != (n,):
         raise ValueError(f"y must have shape ({n},) to match x, got {jnp.shape(y)}")
-    if batch_size is not None and (
-        not isinstance(batch_size, int) or isinstance(batch_size, bool) or not 1 <= batch_size <= n
-    ):
-        raise ValueError(f"batch_size must be None or an int in [1, {n}], got {batch_size!r}")
+    check_int("batch_size", batch_size, maximum=n, allow_none=True)
     return x, n
 
 

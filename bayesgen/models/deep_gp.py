@@ -114,7 +114,7 @@ from numpyro.infer import TraceMeanField_ELBO
 from numpyro.infer.autoguide import AutoGuide
 from numpyro.util import not_jax_tracer
 
-from bayesgen.errors import check_positive
+from bayesgen.errors import check_int, check_positive, is_int
 
 __all__ = [
     "AutoDSVI",
@@ -380,10 +380,6 @@ class GaussianExpectedLogLikelihood(dist.Distribution):
 # --------------------------------------------------------------------------- the model
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
-
-
 class DeepGPStructure(NamedTuple):
     """What the jitted propagation and prediction depend on statically: models that share it
     (the splits of one dataset) share their compilations; the rest are arguments."""
@@ -461,8 +457,7 @@ class DeepGP:
                 f"x must be a non-empty (n, D) array of training inputs, got shape {x.shape}")
         if not np.all(np.isfinite(x)):
             raise ValueError("x contains NaN or infinite values; clean or impute them first")
-        if not _is_int(num_layers) or num_layers < 1:
-            raise ValueError(f"num_layers must be an int >= 1, got {num_layers!r}")
+        check_int("num_layers", num_layers)
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {tuple(KERNELS)}, got {kernel!r}")
         if likelihood not in LIKELIHOODS:
@@ -472,8 +467,7 @@ class DeepGP:
                 raise ValueError(
                     "likelihood='categorical' needs num_classes (the number of labels, >= 2)"
                 )
-            if not _is_int(num_classes) or num_classes < 2:
-                raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+            check_int("num_classes", num_classes, minimum=2)
         elif num_classes is not None and not (likelihood == "bernoulli" and num_classes == 2):
             raise ValueError(
                 f"num_classes is only used with likelihood='categorical', got num_classes="
@@ -491,7 +485,7 @@ class DeepGP:
         out_dim = num_classes if likelihood == "categorical" else 1
         if hidden_dim is None:
             hidden = (min(30, d_in),) * (num_layers - 1)
-        elif _is_int(hidden_dim):
+        elif is_int(hidden_dim):
             hidden = (int(hidden_dim),) * (num_layers - 1)
         else:
             try:
@@ -505,7 +499,7 @@ class DeepGP:
                     f"hidden_dim has {len(hidden)} entries but num_layers={num_layers} has "
                     f"{num_layers - 1} inner layers"
                 )
-        if not all(_is_int(h) and h >= 1 for h in hidden):
+        if not all(is_int(h) and h >= 1 for h in hidden):
             raise ValueError(f"hidden_dim must give positive int widths, got {hidden_dim!r}")
 
         if isinstance(inducing_init, str):
@@ -515,8 +509,7 @@ class DeepGP:
                     f"{inducing_init!r}"
                 )
             m = 100 if num_inducing is None else num_inducing
-            if not _is_int(m) or m < 1:
-                raise ValueError(f"num_inducing must be a positive int, got {num_inducing!r}")
+            check_int("num_inducing", m)
             if m > n:
                 raise ValueError(
                     f"num_inducing={m} exceeds the {n} training points; pass num_inducing <= {n} "
@@ -713,8 +706,7 @@ class DeepGP:
                         f"{self.likelihood!r}, got values in [{labels.min()}, {labels.max()}]; "
                         "recode the labels as 0..num_classes-1"
                     )
-        if batch_size is not None and (not _is_int(batch_size) or not 1 <= batch_size <= n):
-            raise ValueError(f"batch_size must be None or an int in [1, {n}], got {batch_size!r}")
+        check_int("batch_size", batch_size, maximum=n, allow_none=True)
         return x, n
 
     def __call__(self, x, y=None, *, batch_size: int | None = None):
@@ -849,8 +841,7 @@ def deep_gp_predict(model: DeepGP, samples: dict, params: dict, x_new, *, rng_ke
     x_new = jnp.asarray(x_new)
     if x_new.ndim != 2 or x_new.shape[1] != model.input_dim:
         raise ValueError(f"x_new must be an (n, {model.input_dim}) array, got shape {x_new.shape}")
-    if not _is_int(num_propagations) or num_propagations < 1:
-        raise ValueError(f"num_propagations must be a positive int, got {num_propagations!r}")
+    check_int("num_propagations", num_propagations)
     layer_params = model._layer_params(params)
     vs = _stack_draws(model, samples)
     if num_propagations > 1:
