@@ -97,7 +97,7 @@ from jax.flatten_util import ravel_pytree
 from numpyro.distributions import biject_to, constraints
 from numpyro.infer.initialization import init_to_median
 
-from bayesgen.errors import check_int, check_positive
+from bayesgen.errors import check_int, check_positive, is_int
 from bayesgen.families.implicit import (
     ENTROPY_METHODS,
     IMPORTANCE_PROPOSALS,
@@ -132,7 +132,7 @@ def _is_real(constraint) -> bool:
 
 
 def _is_pos_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    return is_int(value) and value >= 1
 
 
 class AutoLIVI(PreconditionedGuide):

@@ -333,10 +333,7 @@ def _batch_sampler(ld: ModelLogDensity, batch_size):
             b = batch_size.get(name, subsample_size)
         else:
             b = batch_size
-        if not isinstance(b, int | np.integer) or isinstance(b, bool) or not 0 < b <= size:
-            raise ValueError(
-                f"batch_size for plate '{name}' must be an int in [1, {size}], got {b!r}"
-            )
+        check_int(f"batch_size for plate '{name}'", b, maximum=size)
         sizes[name] = int(b)
     names = sorted(sizes)
 
@@ -393,9 +390,8 @@ def _sg_plan(name, ld: ModelLogDensity, opts, num_warmup, num_samples, batch_siz
         return (state, jnp.asarray(num_warmup, jnp.int32)), jnp.asarray(num_warmup * grads_per_step, jnp.int32)
 
     if not cyclical:
+        check_int("kernel_options['thin']", opts["thin"])
         thin = int(opts["thin"])
-        if thin < 1:
-            raise ValueError(f"kernel_options['thin'] must be a positive int, got {thin!r}")
 
         def chunk(carry, keys):
             state, t = carry

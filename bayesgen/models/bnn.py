@@ -67,7 +67,7 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 
-from bayesgen.errors import check_int, check_positive
+from bayesgen.errors import check_int, check_positive, is_int
 
 __all__ = [
     "bnn_class_probs",
@@ -90,7 +90,7 @@ def _check_hidden(hidden) -> tuple[int, ...]:
         hidden = tuple(hidden)
     except TypeError:
         raise ValueError(f"hidden must be a sequence of positive ints, got {hidden!r}") from None
-    if not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden):
+    if not all(is_int(h) and h >= 1 for h in hidden):
         raise ValueError(f"hidden must be a sequence of positive ints, got {hidden!r}")
     return hidden
 

@@ -221,6 +221,14 @@ def test_errors_name_the_problem():
                progress_bar=False)
     with pytest.raises(ValueError, match="batch_size is for the SG kernels"):
         bm.run(gaussian_model, "nuts", batch_size=10)
+    with pytest.raises(ValueError, match=rf"batch_size for plate 'data' must be an int in "
+                                         rf"\[1, {N_DATA}\], got {N_DATA + 1}"):
+        bm.run(regression_model, "sgld", x, y, batch=10, batch_size=N_DATA + 1,
+               kernel_options={"step_size": 1e-4}, progress_bar=False)
+    for thin in (2.5, True, 0):
+        with pytest.raises(ValueError, match=r"kernel_options\['thin'\] must be a positive int"):
+            bm.run(regression_model, "sgld", x, y, batch=10, progress_bar=False,
+                   kernel_options={"step_size": 1e-4, "thin": thin})
     with pytest.raises(TypeError, match="not a built SamplingAlgorithm"):
         bm.run(gaussian_model, blackjax.mala(lambda z: -jnp.sum(z**2), 0.1))
 
