@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/python -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
-.PHONY: setup demo test test-all bench
+.PHONY: setup demo test test-all bench device-wheels
 setup: $(STAMP)
 
 demo: $(STAMP)
@@ -25,3 +25,10 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/bayesgen bench --out outputs/bench
+
+# The packages a lent GPU machine lacks, as wheels for scripts/device-dgp.sh to carry (.whl/).
+device-wheels:
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux_2_17_x86_64 -d .whl numpyro==0.22.0 \
+	  blackjax==1.7.1 arviz==1.3.0 arviz-base==1.3.1 arviz-stats==1.3.3 arviz-plots==1.3.2 \
+	  flowjax==19.1.2 paramax==0.0.5 flax==0.12.12

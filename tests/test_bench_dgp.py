@@ -532,3 +532,18 @@ def test_step_times_time_each_variant_and_the_cli_writes_the_table(monkeypatch, 
                                              ("concrete", 3)]
     assert seen[0][2]["split"] == 4 and seen[0][2]["steps"] == 20
     assert "| concrete | 3 | DDVI per step |" in (tmp_path / "step_times.md").read_text()
+
+
+def test_python_m_bayesgen_runs_the_cli(tmp_path):
+    """``python -m bayesgen`` is how scripts/device-dgp.sh calls the CLI (package on PYTHONPATH)."""
+    import pathlib
+    import subprocess
+    import sys
+
+    log = pathlib.Path(dgp.__file__).parent.parent / "data" / "bench_dgp" / "yacht-L2.jsonl"
+    usage = subprocess.run([sys.executable, "-m", "bayesgen"], capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage: bayesgen" in usage.stdout
+    done = subprocess.run([sys.executable, "-m", "bayesgen", "bench-dgp", "--from-rows", str(log),
+                           "--out", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "| yacht | 2 | ddvi - dsvi |" in (tmp_path / "results.md").read_text()
