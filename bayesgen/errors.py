@@ -9,7 +9,8 @@ the offending site (and plate) and says what to change.
 share for integer settings (widths, depths, counts) and positive real ones (scales, step
 sizes, jitter): a bool is not a number here, NaN and infinity are refused, and the message
 names the argument. A 0-d array counts as its number; a traced value (a model argument under
-``jit``) cannot be looked at and passes unchecked.
+``jit``) cannot be looked at and passes unchecked. :func:`is_int` is their test for an
+integer (Python or numpy, not a bool), for sites that branch on it.
 
 :class:`NonFiniteLossError` is raised by :func:`bayesgen.fit` when the loss stops being
 finite; it carries the 1-based step and the sites and parameters found to be nonfinite.
@@ -30,9 +31,9 @@ __all__ = [
     "ModelStructureError",
     "NonFiniteLossError",
     "check_int",
-    "is_int",
     "check_positive",
     "check_model",
+    "is_int",
     "latent_layout",
     "subsampled_plates",
     "trace_model",
