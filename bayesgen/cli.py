@@ -227,6 +227,7 @@ def dgp_main(argv):
     from bayesgen.bench.dgp import (
         METHODS, dgp_step_times, dgp_uci_study, format_dgp_table, format_paired_table,
         format_split_table, format_step_times, paired_differences, read_rows, summarise,
+        write_rows,
     )
 
     p = argparse.ArgumentParser(
@@ -270,6 +271,9 @@ def dgp_main(argv):
     p.add_argument("--from-rows", nargs="+", default=None, metavar="ROWS_JSONL",
                    help="fit nothing: summarise these row logs (e.g. of runs that shared out "
                    "the splits) into one table")
+    p.add_argument("--write-rows", default=None, metavar="PATH",
+                   help="with --from-rows: also write the merged rows (one per fit, a re-run "
+                   "replacing the earlier row) to PATH, sorted by split, method and variant")
     p.add_argument("--step-time", type=int, default=None, metavar="STEPS",
                    help="fit nothing: time a compiled SVI step of DSVI and of each diffusion "
                    "guide with the network's parameter gradient per step and batched, on the "
@@ -287,8 +291,12 @@ def dgp_main(argv):
                              "bayesgen bench-dgp --step-time", format_step_times(rows),
                              name="step_times"))
         return
+    if a.write_rows and not a.from_rows:
+        p.error("--write-rows merges the logs given with --from-rows; pass them")
     if a.from_rows:
         rows = read_rows(a.from_rows)
+        if a.write_rows:
+            rows = write_rows(rows, a.write_rows)
     else:
         rows = dgp_uci_study(a.datasets, a.layers, a.methods, num_splits=a.splits,
                              split_ids=a.split_ids, steps=a.steps,

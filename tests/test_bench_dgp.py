@@ -119,6 +119,31 @@ def test_row_logs_of_shared_out_splits_merge_into_one_table(monkeypatch, tmp_pat
         dgp.read_rows([str(a)])
 
 
+def test_write_rows_merges_shared_out_logs_in_split_and_method_order(monkeypatch, tmp_path):
+    from bayesgen.cli import main
+
+    monkeypatch.setattr(dgp, "run_dgp_split", _fake_rows([]))
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    quiet = {"log": lambda _: None}
+    dgp.dgp_uci_study(["yacht"], (2,), ("dbvi", "dsvi"), split_ids=[1, 0], rows_path=str(a),
+                      **quiet)
+    dgp.dgp_uci_study(["yacht"], (2,), ("ddvi",), split_ids=[0], rows_path=str(b),
+                      clip_norm=10.0, **quiet)
+    dgp.dgp_uci_study(["yacht"], (2,), ("ddvi",), split_ids=[0], rows_path=str(b), **quiet)
+    rerun = {**json.loads(a.read_text().splitlines()[0]), "rmse": 9.0}  # a fit run again
+    b.write_text(b.read_text() + json.dumps(rerun) + "\n")
+    merged = tmp_path / "merged.jsonl"
+    main(["bench-dgp", "--from-rows", str(a), str(b), "--write-rows", str(merged),
+          "--out", str(tmp_path / "out")])
+    rows = [json.loads(line) for line in merged.read_text().splitlines()]
+    assert [(r["split"], dgp.method_label(r)) for r in rows] == [
+        (0, "dsvi"), (0, "ddvi"), (0, "ddvi clip=10"), (0, "dbvi"), (1, "dsvi"), (1, "dbvi")]
+    assert rows == dgp.read_rows([str(merged)])
+    assert [r["rmse"] for r in rows if dgp.row_key(r) == dgp.row_key(rerun)] == [9.0]
+    with pytest.raises(SystemExit):
+        main(["bench-dgp", "--write-rows", str(merged), "--out", str(tmp_path / "out")])
+
+
 def test_paired_differences_use_the_splits_both_methods_finished():
     def row(method, split, rmse, ll):
         return {"dataset": "yacht", "layers": 2, "method": method, "split": split,
@@ -522,6 +547,8 @@ def test_a_shipped_row_log_is_one_cell_and_resumes_without_refitting(path, monke
     assert len(rows) == len(path.read_text().splitlines()), "a fit is logged twice"
     (cell,) = {(r["dataset"], r["layers"]) for r in rows}
     assert path.name == f"{cell[0]}-L{cell[1]}.jsonl"
+    dgp.write_rows(rows, tmp_path / "merged.jsonl")  # as merged: the writer's order, intact
+    assert (tmp_path / "merged.jsonl").read_text() == path.read_text()
     ran = []
     monkeypatch.setattr(dgp, "run_dgp_split", _fake_rows(ran))
     log = tmp_path / "rows.jsonl"

@@ -501,6 +501,27 @@ def read_rows(paths):
     return list(rows.values())
 
 
+def write_rows(rows, path):
+    """Write ``rows`` to the JSON-lines file ``path`` (replacing it) in a stable order: by
+    dataset, depth, split, method (in :data:`METHODS` order), guide options and clipping.
+    With :func:`read_rows` this merges the logs of a study shared out over processes or
+    sessions into the one log a cell ships with (``bayesgen bench-dgp --from-rows ...
+    --write-rows PATH``)."""
+    def order(row):
+        method = METHODS.index(row["method"]) if row["method"] in METHODS else len(METHODS)
+        clip = row.get("clip_norm")
+        return (row["dataset"], int(row["layers"]), int(row["split"]), method, row["method"],
+                json.dumps(row.get("guide_options") or {}, sort_keys=True),
+                clip is not None, clip or 0.0)
+
+    rows = sorted(rows, key=order)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    os.replace(tmp, path)  # a kill mid-write leaves the old file, not half of the new one
+    return rows
+
+
 def dgp_uci_study(datasets, layers=(2,), methods=METHODS, *, num_splits=None, split_ids=None,
                   log=print, rows_path=None, resume=False, method_options=None,
                   batch_splits=False, checkpoint_every=1000, **options):
