@@ -130,6 +130,8 @@ def test_write_rows_merges_shared_out_logs_in_split_and_method_order(monkeypatch
     dgp.dgp_uci_study(["yacht"], (2,), ("ddvi",), split_ids=[0], rows_path=str(b),
                       clip_norm=10.0, **quiet)
     dgp.dgp_uci_study(["yacht"], (2,), ("ddvi",), split_ids=[0], rows_path=str(b), **quiet)
+    dgp.dgp_uci_study(["yacht"], (2,), ("ddvi",), split_ids=[0], rows_path=str(b),
+                      method_options={"ddvi": {"max_correction": 50.0}}, **quiet)
     rerun = {**json.loads(a.read_text().splitlines()[0]), "rmse": 9.0}  # a fit run again
     b.write_text(b.read_text() + json.dumps(rerun) + "\n")
     merged = tmp_path / "merged.jsonl"
@@ -137,7 +139,8 @@ def test_write_rows_merges_shared_out_logs_in_split_and_method_order(monkeypatch
           "--out", str(tmp_path / "out")])
     rows = [json.loads(line) for line in merged.read_text().splitlines()]
     assert [(r["split"], dgp.method_label(r)) for r in rows] == [
-        (0, "dsvi"), (0, "ddvi"), (0, "ddvi clip=10"), (0, "dbvi"), (1, "dsvi"), (1, "dbvi")]
+        (0, "dsvi"), (0, "ddvi"), (0, "ddvi clip=10"), (0, 'ddvi {"max_correction": 50.0}'),
+        (0, "dbvi"), (1, "dsvi"), (1, "dbvi")]
     assert rows == dgp.read_rows([str(merged)])
     assert [r["rmse"] for r in rows if dgp.row_key(r) == dgp.row_key(rerun)] == [9.0]
     with pytest.raises(SystemExit):

@@ -503,16 +503,16 @@ def read_rows(paths):
 
 def write_rows(rows, path):
     """Write ``rows`` to the JSON-lines file ``path`` (replacing it) in a stable order: by
-    dataset, depth, split, method (in :data:`METHODS` order), guide options and clipping.
-    With :func:`read_rows` this merges the logs of a study shared out over processes or
-    sessions into the one log a cell ships with (``bayesgen bench-dgp --from-rows ...
-    --write-rows PATH``)."""
+    dataset, depth, split, method (in :data:`METHODS` order), guide options and clipping
+    (the rows without either first). With :func:`read_rows` this merges the logs of a study
+    shared out over processes or sessions into the one log a cell ships with (``bayesgen
+    bench-dgp --from-rows ... --write-rows PATH``)."""
     def order(row):
         method = METHODS.index(row["method"]) if row["method"] in METHODS else len(METHODS)
-        clip = row.get("clip_norm")
+        clip, options = row.get("clip_norm"), row.get("guide_options") or {}
         return (row["dataset"], int(row["layers"]), int(row["split"]), method, row["method"],
-                json.dumps(row.get("guide_options") or {}, sort_keys=True),
-                clip is not None, clip or 0.0)
+                bool(options), json.dumps(options, sort_keys=True), clip is not None,
+                clip or 0.0)
 
     rows = sorted(rows, key=order)
     tmp = f"{path}.tmp"
