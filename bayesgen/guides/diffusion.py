@@ -227,7 +227,8 @@ class AutoDBVI(AutoDDVI):
         steps), and the stick-the-landing term's derivative ``(u - mu)^2 / s^3`` then
         underflows to 0/0 in float32: a NaN gradient with a finite loss. 1e-3 is far below
         any scale the reference process resolves (its finest step has sd 0.0067 by
-        default) and far above float32 trouble.
+        default) and far above float32 trouble. It must be a normal float (at least 1.2e-38
+        in float32): XLA flushes subnormals to 0.
     Other parameters as :class:`AutoDDVI`.
     """
 
@@ -235,6 +236,11 @@ class AutoDBVI(AutoDDVI):
                  start_whitening: dict | None = None, min_start_scale: float = 1e-3,
                  **kwargs):
         check_positive("min_start_scale", min_start_scale, below=1.0)
+        tiny = float(jnp.finfo(jnp.result_type(float)).tiny)
+        if min_start_scale < tiny:  # subnormal: XLA flushes it to 0, so no floor at all
+            raise ValueError(f"min_start_scale must be at least {tiny:.3g}, the smallest normal "
+                             f"number of the default float type (a subnormal floor is flushed "
+                             f"to 0 and keeps nothing finite), got {min_start_scale!r}")
         self.min_start_scale = float(min_start_scale)
         if context is not None and (
             not isinstance(context, dict)
