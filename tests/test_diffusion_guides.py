@@ -127,11 +127,11 @@ def test_dbvi_start_scale_floor_keeps_the_gradient_finite():
     for raw_value in (-60.0, -90.0):
         collapsed, finite = scales_and_grad(1e-3, raw_value)
         assert collapsed[0] == pytest.approx(1e-3, rel=1e-4) and finite
-    # without a floor the scale collapses with the parameter: at raw -60 to 1.5e-26 (jax
-    # 0.12.1 still computes that gradient finite), at raw -90 softplus underflows, the scale is
-    # exactly 0 and the gradient is 0/0, the failure the floor is there for
-    collapsed, finite = scales_and_grad(None, -60.0)
-    assert 0 < collapsed[0] < 1e-20 and finite
+    # without a floor the scale collapses with the parameter: at raw -60 to 1.5e-26 (whether
+    # that gradient is finite has changed between jax releases), at raw -90 softplus
+    # underflows, the scale is exactly 0 and the gradient is 0/0, the failure the floor is for
+    collapsed, _ = scales_and_grad(None, -60.0)
+    assert 0 < collapsed[0] < 1e-20
     collapsed, finite = scales_and_grad(None, -90.0)
     assert collapsed[0] == 0.0 and not finite
     # a tiny normal floor holds the scale there and keeps the gradient finite
