@@ -106,7 +106,7 @@ def test_bad_arguments_name_themselves():
 def test_dbvi_start_scale_floor_keeps_the_gradient_finite():
     """A start scale driven to ~0 (yacht deep-GP fits reached 1e-19) made the stick-the-landing
     term's gradient 0/0 in float32; the floor ``min_start_scale`` keeps it finite."""
-    def scales_and_grad(floor, raw_value):
+    def scales_and_grads(floor, raw_values):  # one guide set-up, a collapsed scale per value
         guide = AutoDBVI(model, num_steps=8, hidden=16, min_start_scale=floor or 1e-3)
         if floor is None:  # no floor at all (the constructor refuses one that is no floor)
             guide.min_start_scale = 0.0
@@ -118,25 +118,26 @@ def test_dbvi_start_scale_floor_keeps_the_gradient_finite():
                 return np.asarray(guide._start()[1])
 
         np.testing.assert_allclose(scales(params), 1.0, rtol=1e-6)  # the untrained start
-        raw = params["auto_start_raw_scale_z"]
-        p = {**params, "auto_start_raw_scale_z": raw.at[0].set(raw_value)}  # a collapsed scale
-        grads = jax.grad(lambda q: Trace_ELBO().loss(jr.key(3), q, model, guide, Y))(p)
-        finite = all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
-        return scales(p), finite
+        grad = jax.grad(lambda q: Trace_ELBO().loss(jr.key(3), q, model, guide, Y))
+        out = []
+        for raw_value in raw_values:
+            raw = params["auto_start_raw_scale_z"]
+            p = {**params, "auto_start_raw_scale_z": raw.at[0].set(raw_value)}
+            finite = all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grad(p)))
+            out.append((scales(p)[0], finite))
+        return out
 
-    for raw_value in (-60.0, -90.0):
-        collapsed, finite = scales_and_grad(1e-3, raw_value)
-        assert collapsed[0] == pytest.approx(1e-3, rel=1e-4) and finite
+    for collapsed, finite in scales_and_grads(1e-3, (-60.0, -90.0)):
+        assert collapsed == pytest.approx(1e-3, rel=1e-4) and finite
     # without a floor the scale collapses with the parameter: at raw -60 to 1.5e-26 (whether
     # that gradient is finite has changed between jax releases), at raw -90 softplus
     # underflows, the scale is exactly 0 and the gradient is 0/0, the failure the floor is for
-    collapsed, _ = scales_and_grad(None, -60.0)
-    assert 0 < collapsed[0] < 1e-20
-    collapsed, finite = scales_and_grad(None, -90.0)
-    assert collapsed[0] == 0.0 and not finite
+    (at_60, _), (at_90, finite_90) = scales_and_grads(None, (-60.0, -90.0))
+    assert 0 < at_60 < 1e-20
+    assert at_90 == 0.0 and not finite_90
     # a tiny normal floor holds the scale there and keeps the gradient finite
-    collapsed, finite = scales_and_grad(1e-30, -90.0)
-    assert collapsed[0] == pytest.approx(1e-30, rel=1e-4) and finite
+    [(collapsed, finite)] = scales_and_grads(1e-30, (-90.0,))
+    assert collapsed == pytest.approx(1e-30, rel=1e-4) and finite
     for bad in (0.0, 1.0, -1e-3, True, "1e-3", 1e-39):  # 1e-39 is subnormal in float32
         with pytest.raises(ValueError, match="min_start_scale"):
             AutoDBVI(model, min_start_scale=bad)
