@@ -249,6 +249,16 @@ def test_one_real_split_gives_a_complete_row():
         assert math.isfinite(row[key]), key
     assert row["noise_variance"] > 0 and row["rmse"] > 0
     assert dgp.row_key(row) == dgp.row_key({**row, "noise_variance": 1.0})  # not a setting
+    assert "correction_saturation" not in row  # only for a bounded diffusion correction
+
+
+def test_a_bounded_correction_row_says_how_much_of_it_sits_at_the_bound():
+    """With ``max_correction`` far below what the network puts out from its first updates,
+    the row says the correction is at the bound (a fit that has lost that gradient)."""
+    row = dgp.run_dgp_split("yacht", 0, 2, "ddvi", steps=20, batch_size=64, num_inducing=10,
+                            num_samples=5, guide_options={"max_correction": 1e-6})
+    assert row["correction_saturation"] > 0.9
+    assert dgp.row_key(row) == dgp.row_key({**row, "correction_saturation": 0.0})
 
 
 def test_a_warm_start_begins_at_the_source_fits_parameters_and_freezing_keeps_them():

@@ -278,3 +278,34 @@ def test_dbvi_start_mean_in_unwhitened_inducing_outputs(dense):
         numpyro.handlers.seed(AutoDBVI(model, context=model.start_context, num_steps=2,
                                        start_whitening={"v0": lambda param: param("nope")},
                                        init_scale=None), 0)(x, y)
+
+
+def test_correction_saturation_reads_how_much_of_the_correction_sits_at_its_bound():
+    """At a bound far below the network's outputs every correction sits at it (tanh is flat
+    there: the fit has lost that gradient); far above them, none does. The family's
+    ``corrections`` run the reverse path with the network the sampler uses."""
+    def fitted(bound):
+        guide = AutoDDVI(model, num_steps=8, hidden=16, max_correction=bound,
+                         init_scale=WRONG_START)
+        svi = SVI(model, guide, optax.adam(1e-3), Trace_ELBO())
+        params = svi.get_params(svi.init(jr.key(0), Y))
+        leaves, tree = jax.tree.flatten(params["auto_score"])  # the last layer starts at 0
+        keys = jr.split(jr.key(5), len(leaves))
+        params["auto_score"] = jax.tree.unflatten(
+            tree, [0.1 * jr.normal(k, a.shape, a.dtype) for k, a in zip(keys, leaves)])
+        return guide, params
+
+    guide, params = fitted(1e-6)
+    g = guide.get_posterior(params).corrections(jr.key(1), num_paths=3)
+    assert g.shape == (3, 8, D)
+    assert float(jnp.max(jnp.abs(g))) <= 1e-6 * (1 + 1e-5)
+    assert guide.correction_saturation(params) > 0.99
+    guide, params = fitted(1e6)
+    assert guide.correction_saturation(params) == 0.0
+    g = np.abs(np.asarray(guide.get_posterior(params).corrections(jr.key(0), num_paths=8)))
+    level = float(np.median(g)) / 1e6  # the same paths: half of |g| is at least the median
+    assert guide.correction_saturation(params, level=level) == pytest.approx(0.5, abs=0.01)
+    with pytest.raises(ValueError, match="max_correction=None"):
+        AutoDDVI(model).correction_saturation(params)
+    with pytest.raises(ValueError, match="level"):
+        guide.correction_saturation(params, level=1.0)

@@ -204,10 +204,15 @@ def _result_row(dataset, split, num_layers, method, data, model, result, wall, s
     rmse, loglik = deep_gp_regression_metrics(pred, jnp.asarray(data.y_test),
                                               y_scale=float(data.y_std))
     tail = np.asarray(result.losses)[-max(1, settings["steps"] // 10):]
-    return {"dataset": dataset, "split": split, "layers": num_layers, "method": method,
-            "rmse": float(rmse), "test_ll": float(loglik), "final_loss": float(tail.mean()),
-            "noise_variance": float(result.params["noise_variance"]),
-            "wall_s": wall, **settings}
+    row = {"dataset": dataset, "split": split, "layers": num_layers, "method": method,
+           "rmse": float(rmse), "test_ll": float(loglik), "final_loss": float(tail.mean()),
+           "noise_variance": float(result.params["noise_variance"]),
+           "wall_s": wall, **settings}
+    if getattr(result.guide, "max_correction", None) is not None:
+        # a correction stuck at its bound has no gradient left (AutoDDVI.correction_saturation)
+        row["correction_saturation"] = result.guide.correction_saturation(result.params,
+                                                                          seed=seed + 3)
+    return row
 
 
 @contextlib.contextmanager
@@ -624,8 +629,10 @@ def dgp_uci_study(datasets, layers=(2,), methods=METHODS, *, num_splits=None, sp
                 f"gradient of {g}" for g in row["nonfinite_gradients"]]) or "no site named"
             log(head + f"{method_label(row)}: FAILED ({row['failed']}; nonfinite: {where})")
         else:
+            stuck = ("" if "correction_saturation" not in row else
+                     f", correction at its bound {row['correction_saturation']:.0%}")
             log(head + f"{method_label(row)}: RMSE {_value(row['rmse'])}, "
-                f"test LL {_value(row['test_ll'])}, {row['wall_s']:.0f} s")
+                f"test LL {_value(row['test_ll'])}, {row['wall_s']:.0f} s{stuck}")
         record(row)
 
     for dataset in datasets:

@@ -374,6 +374,38 @@ class DenoisingDiffusion(PathSurrogate, Family, WhitenedCoordinates):
             return v, acc - log_det
         return u0, acc
 
+    def corrections(self, key, num_paths: int = 1):
+        """The network's correction at every step of ``num_paths`` reverse paths.
+
+        Returns ``(num_paths, N, d)``, the step from ``t_N`` first (the order the path runs),
+        without gradient: a diagnostic, e.g. how much of it sits at a guide's
+        ``max_correction`` (:meth:`bayesgen.guides.AutoDDVI.correction_saturation`).
+        """
+        sched = self.schedule
+        a = sched.step_factor
+        var = 1.0 - a * a
+        d, n = self.latent_dim, sched.num_steps
+        k_start, k_path = jr.split(key)
+        starts = jr.normal(k_start, (num_paths, d))
+        noises = jr.normal(k_path, (num_paths, n, d))
+        steps = (a[::-1], var[::-1], sched.times[1:][::-1], sched.alpha_bar[1:][::-1])
+
+        def one(noise_start, xis):
+            u_end = noise_start
+            if self.bridged:
+                u_end = self.start_loc + self.start_scale * noise_start
+
+            def step(u, inputs):
+                (a_k, var_k, t_k, abar_k), xi = inputs
+                output = self.network(u, t_k)
+                mean, log_c = self._step_moments(output, u, a_k, var_k, abar_k)
+                u_prev = mean + jnp.sqrt(var_k) * jnp.exp(0.5 * log_c) * xi
+                return u_prev, jnp.broadcast_to(output[0], u.shape)
+
+            return jax.lax.scan(step, u_end, (steps, xis))[1]
+
+        return jax.lax.stop_gradient(jax.vmap(one)(starts, noises))
+
     # --- the reference direction (EUBO) -----------------------------------------------------
     def _reference_path(self, key, u0):
         """Draw ``u_{1:N}`` from the (bridged) reference started at ``u0``; (N + 1, d) path."""

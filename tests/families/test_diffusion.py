@@ -356,3 +356,33 @@ def test_final_layer_exact_transport_closes_both_bounds_and_its_gradient_vanishe
     mean, se = g.mean(0), g.std(0) / np.sqrt(n)
     assert np.all(np.abs(mean) < 4.5 * se + 1e-3), (mean, se)
     assert np.abs(g).max() > 0.1  # not zero path by path: a real test of the mean
+
+
+@pytest.mark.parametrize("bridged", [False, True], ids=["DDVI", "DBVI"])
+def test_corrections_are_the_network_outputs_along_the_reverse_path(bridged):
+    """``corrections`` runs the path from t_N down: step j's output is the network's at
+    t_{N-j} and at the state the sampler is in there (a network that reads u's first entry
+    shows it is the sampler's path: u_N, then each step's update)."""
+    sched = log_snr_schedule(6)
+
+    def network(u, t):
+        return jnp.full_like(u, t) + 1e-3 * u[0], 0.0
+
+    start = {"start_loc": jnp.full(D, 0.5), "start_scale": jnp.full(D, 2.0)} if bridged else {}
+    fam = DenoisingDiffusion(network, jnp.zeros(D), jnp.ones(D), sched, **start)
+    g = np.asarray(fam.corrections(jr.key(3), num_paths=4))
+    assert g.shape == (4, 6, D)
+    times = np.asarray(sched.times)[1:][::-1]
+    k_start, k_path = jr.split(jr.key(3))
+    u = np.asarray(jr.normal(k_start, (4, D)))
+    if bridged:
+        u = 0.5 + 2.0 * u
+    xis = np.asarray(jr.normal(k_path, (4, 6, D)))
+    a = np.asarray(sched.step_factor)[::-1]
+    abar = np.asarray(sched.alpha_bar)[1:][::-1]
+    for j in range(6):  # the DDPM-type step of the module docstring, denoiser form
+        out = times[j] + 1e-3 * u[:, :1]
+        np.testing.assert_allclose(g[:, j], np.broadcast_to(out, (4, D)), rtol=1e-5)
+        var = 1 - a[j] ** 2
+        drift = np.sqrt(abar[j] / (1 - abar[j])) * out
+        u = a[j] * u + var * drift / a[j] + np.sqrt(var) * xis[:, j]
