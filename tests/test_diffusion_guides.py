@@ -143,25 +143,27 @@ def test_dbvi_start_scale_floor_keeps_the_gradient_finite():
             AutoDBVI(model, min_start_scale=bad)
 
 
+def _guide_with_random_score(bound, weight_scale, num_steps=16):
+    """An AutoDDVI at ``max_correction=bound`` and its set-up params with the score network's
+    weights drawn at sd ``weight_scale`` (its last layer starts at 0, so it puts out 0)."""
+    guide = AutoDDVI(model, num_steps=num_steps, hidden=16, max_correction=bound,
+                     init_scale=WRONG_START)
+    svi = SVI(model, guide, optax.adam(1e-3), Trace_ELBO())
+    params = svi.get_params(svi.init(jr.key(0), Y))
+    leaves, tree = jax.tree.flatten(params["auto_score"])
+    keys = jr.split(jr.key(5), len(leaves))
+    score = jax.tree.unflatten(tree, [weight_scale * jr.normal(k, a.shape, a.dtype)
+                                      for k, a in zip(keys, leaves)])
+    return guide, {**params, "auto_score": score}
+
+
 def test_max_correction_bounds_the_drift_and_keeps_an_expansive_sampler_finite():
     """A score network with large weights makes each reverse step expansive and the path runs
     off (AutoDDVI on naval's deep GP reached |u| ~ 1e9); ``max_correction`` bounds the
     correction softly, so the path grows at most additively, and leaves small outputs as
     they were."""
-    def guide_and_params(bound, weight_scale):
-        guide = AutoDDVI(model, num_steps=16, hidden=16, max_correction=bound,
-                         init_scale=WRONG_START)
-        svi = SVI(model, guide, optax.adam(1e-3), Trace_ELBO())
-        params = svi.get_params(svi.init(jr.key(0), Y))
-        leaves, tree = jax.tree.flatten(params["auto_score"])  # the last layer starts at 0
-        keys = jr.split(jr.key(5), len(leaves))
-        score = jax.tree.unflatten(tree, [weight_scale * jr.normal(k, a.shape, a.dtype)
-                                          for k, a in zip(keys, leaves)])
-        params = {**params, "auto_score": score}
-        return guide, params
-
     def max_abs_draw(bound, weight_scale):
-        guide, params = guide_and_params(bound, weight_scale)
+        guide, params = _guide_with_random_score(bound, weight_scale)
         draws = guide.sample_posterior(jr.key(1), params, sample_shape=(64,))["z"]
         return float(jnp.max(jnp.abs(draws)))
 
@@ -170,8 +172,8 @@ def test_max_correction_bounds_the_drift_and_keeps_an_expansive_sampler_finite()
     assert not np.isfinite(wild) or wild > 1e6  # the unbounded sampler runs off
     assert np.isfinite(tamed) and tamed < 1e3  # 16 steps of bounded drift and noise
     # the bound is soft: outputs well inside it pass almost unchanged
-    guide, params = guide_and_params(1e4, 0.1)
-    free, _ = guide_and_params(None, 0.1)
+    guide, params = _guide_with_random_score(1e4, 0.1)
+    free, _ = _guide_with_random_score(None, 0.1)
     np.testing.assert_allclose(
         free.sample_posterior(jr.key(2), params, sample_shape=(256,))["z"],
         guide.sample_posterior(jr.key(2), params, sample_shape=(256,))["z"], rtol=1e-4,
@@ -284,23 +286,12 @@ def test_correction_saturation_reads_how_much_of_the_correction_sits_at_its_boun
     """At a bound far below the network's outputs every correction sits at it (tanh is flat
     there: the fit has lost that gradient); far above them, none does. The family's
     ``corrections`` run the reverse path with the network the sampler uses."""
-    def fitted(bound):
-        guide = AutoDDVI(model, num_steps=8, hidden=16, max_correction=bound,
-                         init_scale=WRONG_START)
-        svi = SVI(model, guide, optax.adam(1e-3), Trace_ELBO())
-        params = svi.get_params(svi.init(jr.key(0), Y))
-        leaves, tree = jax.tree.flatten(params["auto_score"])  # the last layer starts at 0
-        keys = jr.split(jr.key(5), len(leaves))
-        params["auto_score"] = jax.tree.unflatten(
-            tree, [0.1 * jr.normal(k, a.shape, a.dtype) for k, a in zip(keys, leaves)])
-        return guide, params
-
-    guide, params = fitted(1e-6)
+    guide, params = _guide_with_random_score(1e-6, 0.1, num_steps=8)
     g = guide.get_posterior(params).corrections(jr.key(1), num_paths=3)
     assert g.shape == (3, 8, D)
     assert float(jnp.max(jnp.abs(g))) <= 1e-6 * (1 + 1e-5)
     assert guide.correction_saturation(params) > 0.99
-    guide, params = fitted(1e6)
+    guide, params = _guide_with_random_score(1e6, 0.1, num_steps=8)
     assert guide.correction_saturation(params) == 0.0
     g = np.abs(np.asarray(guide.get_posterior(params).corrections(jr.key(0), num_paths=8)))
     level = float(np.median(g)) / 1e6  # the same paths: half of |g| is at least the median
