@@ -192,7 +192,8 @@ def test_the_split_table_shows_each_fit_a_failure_and_a_fit_not_run():
                 "rmse": rmse, "test_ll": ll, **extra}
 
     rows = [row("ddvi", 1, 0.5, -0.25), row("dsvi", 0, 1.0, -1.0), row("dsvi", 1, 2.0, -2.0),
-            row("ddvi", 0, 0.9, -1.2), row("dbvi", 1, 3.0, -3.0, clip_norm=100.0),
+            row("ddvi", 0, 0.9, -1.2, correction_saturation=0.0),
+            row("dbvi", 1, 3.0, -3.0, clip_norm=100.0, correction_saturation=0.86),
             {"dataset": "yacht", "layers": 2, "method": "dbvi", "split": 0, "failed": "nan",
              "clip_norm": 100.0},
             {**row("dsvi", 0, 7.0, -7.0), "layers": 3}]
@@ -203,7 +204,8 @@ def test_the_split_table_shows_each_fit_a_failure_and_a_fit_not_run():
         "| split | dsvi RMSE / LL | ddvi RMSE / LL | dbvi clip=100 RMSE / LL |",
         "|---|---|---|---|"]
     assert two.splitlines()[4:] == ["| 0 | 1.000 / -1.000 | 0.900 / -1.200 | failed |",
-                                    "| 1 | 2.000 / -2.000 | 0.500 / -0.250 | 3.000 / -3.000 |"]
+                                    "| 1 | 2.000 / -2.000 | 0.500 / -0.250 | 3.000 / -3.000"
+                                    " (correction at its bound: 86%) |"]
     assert three.splitlines()[-1] == "| 0 | 7.000 / -7.000 |"
 
 

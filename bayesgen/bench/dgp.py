@@ -630,7 +630,7 @@ def dgp_uci_study(datasets, layers=(2,), methods=METHODS, *, num_splits=None, sp
             log(head + f"{method_label(row)}: FAILED ({row['failed']}; nonfinite: {where})")
         else:
             stuck = ("" if "correction_saturation" not in row else
-                     f", correction at its bound {row['correction_saturation']:.0%}")
+                     f", correction at its bound: {row['correction_saturation']:.0%}")
             log(head + f"{method_label(row)}: RMSE {_value(row['rmse'])}, "
                 f"test LL {_value(row['test_ll'])}, {row['wall_s']:.0f} s{stuck}")
         record(row)
@@ -846,8 +846,10 @@ def _method_order(label):
 def format_split_table(rows):
     """Per (dataset, layers): one line a split, ``RMSE / test LL`` of each method (variants
     with guide options or clipping as their own columns, :func:`method_label`), ``failed``
-    for a fit that diverged and a blank where that fit was not run. The tables above are
-    means over these lines; this is where one bad split shows."""
+    for a fit that diverged and a blank where that fit was not run; a bounded diffusion
+    guide's fit with 1% or more of its correction at the bound says how much (a fit that
+    has lost that gradient, :meth:`~bayesgen.guides.AutoDDVI.correction_saturation`). The
+    tables above are means over these lines; this is where one bad split shows."""
     cells = {}
     for r in rows:
         cell = cells.setdefault((r["dataset"], r["layers"]), {})
@@ -863,10 +865,16 @@ def format_split_table(rows):
             for m in labels:
                 r = by_split[split].get(m)
                 cols.append("" if r is None else "failed" if "failed" in r
-                            else f"{_value(r['rmse'])} / {_value(r['test_ll'])}")
+                            else f"{_value(r['rmse'])} / {_value(r['test_ll'])}"
+                            + _saturation_note(r))
             lines.append(f"| {split} | " + " | ".join(cols) + " |")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
+
+
+def _saturation_note(row):
+    stuck = row.get("correction_saturation", 0.0)
+    return f" (correction at its bound: {stuck:.0%})" if stuck >= 0.01 else ""
 
 
 #: (label, method, guide options) of ``bayesgen bench-dgp --step-time``: DSVI, and each
