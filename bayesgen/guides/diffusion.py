@@ -184,10 +184,9 @@ class AutoDDVI(PreconditionedGuide):
 
         tanh's slope there is at most ``1 - level^2``: a fit with most of its correction at
         the bound no longer moves it, and its path bound stays off by orders of magnitude
-        (AutoDDVI at ``max_correction=50`` on a split of protein's 5-layer deep GP: 86%, all
-        of it from the eighth of 32 steps on, and a loss of 2.5e7 where the other splits end
-        near 6e4; docs/benchmarks.md).
-        Near 0: the bound left the family as it was.
+        (AutoDDVI at ``max_correction=50`` on a split of protein's 5-layer deep GP: 86%, every
+        coordinate from the eighth of 32 steps on, and a loss of 2.5e7 where the other splits
+        end near 6e4; docs/benchmarks.md). Near 0: the bound left the family as it was.
         """
         if self.max_correction is None:
             raise ValueError("correction_saturation needs a bounded correction: this guide "
