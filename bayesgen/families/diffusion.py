@@ -327,16 +327,30 @@ class DenoisingDiffusion(PathSurrogate, Family, WhitenedCoordinates):
         log_var_scale = jnp.broadcast_to(log_var_scale, u.shape)
         return a_k * u + var_k * drift / a_k, log_var_scale
 
+    def _reverse_inputs(self):
+        """Per step in the order the reverse path runs (k = N, ..., 1, the step from t_k down
+        to t_{k-1}): ``(a_k, 1 - a_k^2, t_k, abar_k)``."""
+        sched = self.schedule
+        a = sched.step_factor  # (N,)
+        return a[::-1], (1.0 - a * a)[::-1], sched.times[1:][::-1], sched.alpha_bar[1:][::-1]
+
+    def _path_start(self, noise_start):
+        """``u_N`` from a standard normal draw: N(0, I), or the learned start when bridged."""
+        if self.bridged:
+            return self.start_loc + self.start_scale * noise_start
+        return noise_start
+
+    def _path_noises(self, key, size):
+        """Start and step noises of ``size`` paths: (size, d) and (size, N, d)."""
+        d, n = self.latent_dim, self.schedule.num_steps
+        k_start, k_path = jr.split(key)
+        return jr.normal(k_start, (size, d)), jr.normal(k_path, (size, n, d))
+
     def _path(self, noise_start, noises):
         """Run the reverse process from one start noise; return ``(u_0, path term)``."""
         sched = self.schedule
-        a = sched.step_factor  # (N,)
-        var = 1.0 - a * a
         stl = self.stick_the_landing
-        if self.bridged:
-            u_end = self.start_loc + self.start_scale * noise_start
-        else:
-            u_end = noise_start
+        u_end = self._path_start(noise_start)
         log_w0 = _log_std_normal(u_end)
         if self.bridged and stl:
             # log rho(u_N) of q at frozen parameters, of r_h at live ones: the values cancel,
@@ -361,8 +375,7 @@ class DenoisingDiffusion(PathSurrogate, Family, WhitenedCoordinates):
             acc = acc - 0.5 * jnp.sum(res * res + log_c) + 0.5 * jnp.sum(r * r) / var_k
             return (u_prev, acc), None
 
-        # k = N, ..., 1: the step from t_k down to t_{k-1}
-        inputs = (a[::-1], var[::-1], sched.times[1:][::-1], sched.alpha_bar[1:][::-1], noises)
+        inputs = (*self._reverse_inputs(), noises)
         (u0, acc), _ = scan_with_network(
             step, self.network, (u_end, log_w0), inputs, (u_end, sched.times[-1]),
             batched_param_grad=self.param_grad == "batched", remat=self.remat)
@@ -381,20 +394,10 @@ class DenoisingDiffusion(PathSurrogate, Family, WhitenedCoordinates):
         without gradient: a diagnostic, e.g. how much of it sits at a guide's
         ``max_correction`` (:meth:`bayesgen.guides.AutoDDVI.correction_saturation`).
         """
-        sched = self.schedule
-        a = sched.step_factor
-        var = 1.0 - a * a
-        d, n = self.latent_dim, sched.num_steps
-        k_start, k_path = jr.split(key)
-        starts = jr.normal(k_start, (num_paths, d))
-        noises = jr.normal(k_path, (num_paths, n, d))
-        steps = (a[::-1], var[::-1], sched.times[1:][::-1], sched.alpha_bar[1:][::-1])
+        starts, noises = self._path_noises(key, num_paths)
+        steps = self._reverse_inputs()
 
         def one(noise_start, xis):
-            u_end = noise_start
-            if self.bridged:
-                u_end = self.start_loc + self.start_scale * noise_start
-
             def step(u, inputs):
                 (a_k, var_k, t_k, abar_k), xi = inputs
                 output = self.network(u, t_k)
@@ -402,7 +405,7 @@ class DenoisingDiffusion(PathSurrogate, Family, WhitenedCoordinates):
                 u_prev = mean + jnp.sqrt(var_k) * jnp.exp(0.5 * log_c) * xi
                 return u_prev, jnp.broadcast_to(output[0], u.shape)
 
-            return jax.lax.scan(step, u_end, (steps, xis))[1]
+            return jax.lax.scan(step, self._path_start(noise_start), (steps, xis))[1]
 
         return jax.lax.stop_gradient(jax.vmap(one)(starts, noises))
 
@@ -478,12 +481,10 @@ class DenoisingDiffusion(PathSurrogate, Family, WhitenedCoordinates):
         return out.reshape(jnp.shape(value)[:-1]) - self._log_det_precond()
 
     def sample_with_intermediates(self, key, sample_shape=()):
-        d, n = self.latent_dim, self.schedule.num_steps
+        d = self.latent_dim
         shape = tuple(sample_shape) + self.batch_shape
         size = math.prod(shape)
-        k_start, k_path = jr.split(key)
-        noise_start = jr.normal(k_start, (size, d))
-        noises = jr.normal(k_path, (size, n, d))
+        noise_start, noises = self._path_noises(key, size)
         if size == 1:
             # one path unbatched: a vmap over one path leaves XLA's CPU backend transposed
             # layouts for the network's parameter gradient, and a 5-layer deep GP's step
