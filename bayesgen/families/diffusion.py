@@ -327,6 +327,11 @@ class DenoisingDiffusion(PathSurrogate, Family, WhitenedCoordinates):
         log_var_scale = jnp.broadcast_to(log_var_scale, u.shape)
         return a_k * u + var_k * drift / a_k, log_var_scale
 
+    def _reverse_step(self, network_output, u, a_k, var_k, abar_k, xi):
+        """One reverse step from ``u_k`` with standard normal ``xi``: ``(u_{k-1}, log c_k)``."""
+        mean, log_c = self._step_moments(network_output, u, a_k, var_k, abar_k)
+        return mean + jnp.sqrt(var_k) * jnp.exp(0.5 * log_c) * xi, log_c
+
     def _reverse_inputs(self):
         """Per step in the order the reverse path runs (k = N, ..., 1, the step from t_k down
         to t_{k-1}): ``(a_k, 1 - a_k^2, t_k, abar_k)``."""
@@ -364,8 +369,7 @@ class DenoisingDiffusion(PathSurrogate, Family, WhitenedCoordinates):
             u, acc = carry
             a_k, var_k, t_k, abar_k, xi = inputs
             live, frozen = apply(u, t_k)
-            mean, log_c = self._step_moments(live, u, a_k, var_k, abar_k)
-            u_prev = mean + jnp.sqrt(var_k) * jnp.exp(0.5 * log_c) * xi
+            u_prev, log_c = self._reverse_step(live, u, a_k, var_k, abar_k, xi)
             if stl:  # log F_k at frozen parameters, differentiated through the path only
                 mean, log_c = self._step_moments(frozen, u, a_k, var_k, abar_k)
                 res = (u_prev - mean) * jnp.exp(-0.5 * log_c) / jnp.sqrt(var_k)
@@ -401,8 +405,7 @@ class DenoisingDiffusion(PathSurrogate, Family, WhitenedCoordinates):
             def step(u, inputs):
                 (a_k, var_k, t_k, abar_k), xi = inputs
                 output = self.network(u, t_k)
-                mean, log_c = self._step_moments(output, u, a_k, var_k, abar_k)
-                u_prev = mean + jnp.sqrt(var_k) * jnp.exp(0.5 * log_c) * xi
+                u_prev, _ = self._reverse_step(output, u, a_k, var_k, abar_k, xi)
                 return u_prev, jnp.broadcast_to(output[0], u.shape)
 
             return jax.lax.scan(step, self._path_start(noise_start), (steps, xis))[1]
